@@ -1,0 +1,21 @@
+"""orthomod: train extremely deep plain CNNs with orthonormality and modulation.
+
+Xie, Xiong & Pu, "All You Need is Beyond a Good Init", CVPR 2017. The pieces work on their own
+in any PyTorch training loop:
+
+- :func:`orthomod.init.orthonormal_` and :func:`orthomod.init.init_model_`
+- :class:`orthomod.regularizers.OrthonormalRegularizer` (replaces L2 weight decay)
+- :class:`orthomod.modulation.ErrorModulator` (backward error modulation)
+- :func:`orthomod.models.create` (CIFAR plain and residual networks)
+"""
+from . import init, models, modulation, regularizers
+from .init import init_model_, orthonormal_
+from .models import create
+from .modulation import ErrorModulator
+from .regularizers import OrthonormalRegularizer, orthonormal_penalty
+
+__version__ = "0.1.0"
+__all__ = [
+    "init", "models", "modulation", "regularizers",
+    "orthonormal_", "init_model_", "create", "ErrorModulator", "OrthonormalRegularizer", "orthonormal_penalty",
+]

@@ -1,0 +1,146 @@
+"""CIFAR plain and residual networks (METHOD.md section 1), created by name from one registry.
+
+Plain-``d`` (``d = 6n+2``): a 3x3 conv with 16 filters, then three stages of ``2n`` 3x3 convs
+with 16, 32 and 64 filters on 32x32, 16x16 and 8x8 maps (stride 2 at the first conv of stages 2
+and 3), global average pooling and a linear classifier. Every conv is a Conv-BN-ReLU triple
+without bias and without shortcuts: ``d - 1`` convs and one linear layer.
+ResNet-``d``: the same layers in pairs, each pair with a shortcut; where the width doubles the
+shortcut is a 3x3 stride-2 projection (conv + BN), as the paper uses.
+
+    >>> model = create("plain110")
+    >>> sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    109
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .init import init_model_
+
+__all__ = ["create", "list_models", "plain_cifar", "resnet_cifar", "cifar_depths", "PAPER_DEPTHS"]
+
+PAPER_DEPTHS = (20, 32, 44, 56, 110)
+_WIDTHS = (16, 32, 64)
+
+
+def cifar_depths(limit: int = 110) -> list[int]:
+    """Valid CIFAR depths ``6n+2`` up to ``limit``."""
+    return list(range(8, limit + 1, 6))
+
+
+def _stage_layers(depth: int) -> int:
+    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise ValueError(
+            f"depth {depth} is not valid for the CIFAR networks: depth must be 6n+2 with n >= 1 "
+            f"(8, 14, 20, 26, 32, 38, 44, 56, 110, ...)"
+        )
+    return (depth - 2) // 6
+
+
+class ConvBNReLU(nn.Sequential):
+    """One Conv-BN-ReLU triple (the conv has no bias: BN's shift replaces it)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class _Head(nn.Module):
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class PlainNet(nn.Sequential):
+    """``depth - 1`` Conv-BN-ReLU triples and a linear classifier, no shortcuts."""
+
+    def __init__(self, depth: int, num_classes: int = 10):
+        n = _stage_layers(depth)
+        layers = [ConvBNReLU(3, _WIDTHS[0])]
+        in_channels = _WIDTHS[0]
+        for stage, width in enumerate(_WIDTHS):
+            for i in range(2 * n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                layers.append(ConvBNReLU(in_channels, width, stride))
+                in_channels = width
+        super().__init__(*layers, _Head(in_channels, num_classes))
+        self.depth = depth
+
+
+class BasicBlock(nn.Module):
+    """Two Conv-BN(-ReLU) layers with a shortcut; a 3x3 projection where the width changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = ConvBNReLU(in_channels, out_channels, stride)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn2(self.conv2(self.conv1(x))) + self.shortcut(x))
+
+
+class ResNet(nn.Sequential):
+    """The residual counterpart of :class:`PlainNet` with the same main-path layers."""
+
+    def __init__(self, depth: int, num_classes: int = 10):
+        n = _stage_layers(depth)
+        layers = [ConvBNReLU(3, _WIDTHS[0])]
+        in_channels = _WIDTHS[0]
+        for stage, width in enumerate(_WIDTHS):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                layers.append(BasicBlock(in_channels, width, stride))
+                in_channels = width
+        super().__init__(*layers, _Head(in_channels, num_classes))
+        self.depth = depth
+
+
+def plain_cifar(depth: int, num_classes: int = 10) -> PlainNet:
+    return PlainNet(depth, num_classes)
+
+
+def resnet_cifar(depth: int, num_classes: int = 10) -> ResNet:
+    return ResNet(depth, num_classes)
+
+
+# Families are data: a name is family + depth, checked by the family's builder.
+_FAMILIES: dict[str, Callable[..., nn.Module]] = {"plain": plain_cifar, "resnet": resnet_cifar}
+
+
+def list_models() -> list[str]:
+    """The named models (the paper's depths); any depth ``6n+2`` also works with :func:`create`."""
+    return [f"{family}{depth}" for family in _FAMILIES for depth in PAPER_DEPTHS]
+
+
+def create(name: str, num_classes: int = 10, init: str | None = "msra") -> nn.Module:
+    """Build a model by name (``plain44``, ``resnet110``, ...) and initialize it with ``init``.
+
+    ``init`` is a scheme of :func:`orthomod.init.init_model_` or None for PyTorch's defaults.
+    """
+    match = re.fullmatch(r"([a-z]+)(\d+)", name.strip().lower()) if isinstance(name, str) else None
+    if match is None or match.group(1) not in _FAMILIES:
+        raise ValueError(
+            f"unknown model {name!r}; use plain<depth> or resnet<depth> with depth 6n+2, "
+            f"e.g. {', '.join(list_models())}"
+        )
+    model = _FAMILIES[match.group(1)](int(match.group(2)), num_classes=num_classes)
+    if init is not None:
+        init_model_(model, init)
+    return model

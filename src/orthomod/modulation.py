@@ -1,0 +1,212 @@
+"""Backward error modulation (METHOD.md section 4).
+
+Let ``q^l`` be the second moment (mean of squares over the batch and every position) of the
+error at conv layer ``l``, the gradient of the loss with respect to conv ``l``'s *output*.
+The backward pass reaches the top conv first and is never modulated. Going down, each layer
+compares its moment with the (already modulated) moment of the layer above and, when the two
+mismatch, scales its error before it propagates further down:
+
+    rho = sqrt(q^{l+1} / q^l),   e^l <- rho * e^l
+
+Scaling the error at conv ``l``'s output also scales conv ``l``'s own weight gradient and
+everything below it: a per-layer, adaptive learning rate.
+
+What "mismatch" means is Open in METHOD.md; two rules are offered:
+
+- ``rule="consecutive"`` (the paper's words): modulate when ``q^{l+1} / q^l`` leaves
+  ``[1/tau, tau]``; the layer's moment is then set to ``q^{l+1}``. ``tau=1`` modulates every
+  layer ("always"), which makes every error moment equal to the top layer's.
+- ``rule="top"`` (a variant): measure each layer against the top layer's moment ``q^L``; when
+  ``q^L / q^l`` leaves ``[1/tau, tau]``, scale the error just enough to bring its moment back to
+  the nearest edge of that band. Moments inside the band keep their variety; ``tau=1`` is
+  "always" again.
+
+    >>> with ErrorModulator(model, tau=2.0, until_step=500) as modulator:
+    ...     for x, y in loader:
+    ...         loss_fn(model(x), y).backward()
+    ...         optimizer.step(); optimizer.zero_grad()
+    ...         modulator.step()
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["ErrorModulator", "MODULATION_RULES"]
+
+MODULATION_RULES = ("consecutive", "top")
+
+
+def _second_moment(t: torch.Tensor) -> torch.Tensor:
+    # vector_norm with a float32 accumulator reads a bf16 gradient once, without a float copy.
+    dtype = torch.promote_types(t.dtype, torch.float32)
+    return torch.linalg.vector_norm(t, dtype=dtype).square() / t.numel()
+
+
+@dataclass
+class _Pass:
+    """Moments of one forward/backward pass, filled from the top conv down."""
+
+    n_layers: int
+    modulate: bool
+    before: list = field(default_factory=list)
+    after: list = field(default_factory=list)
+    scale: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.before = [None] * self.n_layers
+        self.after = [None] * self.n_layers
+        self.scale = [None] * self.n_layers
+
+
+class ErrorModulator:
+    """Attach backward error modulation to the conv layers of ``model`` (in forward order).
+
+    Args:
+        model: any module; its ``nn.Conv1d/2d/3d`` layers are the modulated layers, ordered by
+            when they run in the forward pass (the first training forward pass fixes it).
+        tau: band half-width (``>= 1``); ``1`` modulates every layer.
+        until_step: modulate during the first ``until_step`` calls of :meth:`step` (one per
+            training iteration); ``None`` means always, ``0`` never.
+        rule: ``"consecutive"`` or ``"top"`` (see the module docstring).
+        monitor: record the per-layer moments even when not modulating (for diagnostics);
+            otherwise no hook runs in the backward pass once modulation has stopped.
+
+    After each backward pass, :attr:`moments_before`, :attr:`moments_after` (per layer, forward
+    order) and :attr:`scales` (the factor applied to each layer's error, 1.0 when untouched)
+    describe it; :attr:`scaled` says which layers were modulated. The forward pass is unchanged.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tau: float = 1.0,
+        until_step: int | None = None,
+        rule: str = "consecutive",
+        monitor: bool = False,
+    ):
+        if not tau >= 1.0:
+            raise ValueError(f"tau must be >= 1 (1 modulates every layer), got {tau}")
+        if until_step is not None and until_step < 0:
+            raise ValueError(f"until_step must be >= 0 or None, got {until_step}")
+        if rule not in MODULATION_RULES:
+            raise ValueError(f"unknown modulation rule {rule!r}; choose one of {', '.join(MODULATION_RULES)}")
+        self.tau = float(tau)
+        self.until_step = until_step
+        self.rule = rule
+        self.monitor = monitor
+        self.step_count = 0
+        self.layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        if not self.layers:
+            raise ValueError("ErrorModulator found no conv layers in the model")
+        self._order: dict[int, int] = {}  # id(layer) -> position in the forward pass
+        self.ordered_layers: list[nn.Module] = []  # the conv layers in forward order
+        self._current: _Pass | None = None
+        self._last: _Pass | None = None
+        self._handles = [layer.register_forward_hook(self._forward_hook) for layer in self.layers]
+
+    # -- schedule -----------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        """Whether the next backward pass is modulated."""
+        return self.until_step is None or self.step_count < self.until_step
+
+    def step(self) -> None:
+        """Count one training iteration (call once per optimizer step)."""
+        self.step_count += 1
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _forward_hook(self, layer: nn.Module, inputs, output: torch.Tensor) -> None:
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            return
+        if not (self.active or self.monitor):
+            return
+        key = id(layer)
+        if key not in self._order:
+            self._order[key] = len(self._order)
+            self.ordered_layers.append(layer)
+        index = self._order[key]
+        if index == 0 or self._current is None:
+            self._current = _Pass(len(self.layers), modulate=self.active)
+        state = self._current
+        output.register_hook(lambda grad: self._backward_hook(state, index, grad))
+
+    def _reference(self, state: _Pass, index: int) -> torch.Tensor | None:
+        """The moment this layer is compared with, or None when there is none yet."""
+        if self.rule == "consecutive":
+            upper = next((q for q in state.after[index + 1 :] if q is not None), None)
+        else:
+            top = len(self._order) - 1
+            upper = state.after[top] if top != index else None
+        return upper
+
+    def _backward_hook(self, state: _Pass, index: int, grad: torch.Tensor) -> torch.Tensor:
+        q = _second_moment(grad.detach())
+        scale = torch.ones_like(q)
+        reference = self._reference(state, index) if state.modulate else None
+        if reference is not None:
+            ratio = reference / q
+            outside = ((ratio > self.tau) | (ratio < 1.0 / self.tau)) & (q > 0) & torch.isfinite(ratio)
+            if self.rule == "consecutive":
+                target = reference
+            else:  # back to the nearest edge of [q^L / tau, q^L * tau]
+                target = reference / ratio.clamp(1.0 / self.tau, self.tau)
+            scale = torch.where(outside, torch.sqrt(target / q), scale)
+        state.before[index] = q
+        state.after[index] = q * scale.square()
+        state.scale[index] = scale
+        if index == 0:  # the first conv is the last one the backward pass reaches
+            self._last = state
+        return grad if reference is None else grad * scale
+
+    def remove(self) -> None:
+        """Detach every hook; the model is as it was before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._current = None
+
+    def __enter__(self) -> "ErrorModulator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # -- statistics of the last backward pass -------------------------------------------------
+    def _floats(self, values: list | None) -> list[float]:
+        if values is None:
+            return []
+        return [math.nan if v is None else float(v) for v in values[: len(self._order)]]
+
+    @property
+    def moments_before(self) -> list[float]:
+        """Per-layer error second moments of the last backward pass, before modulation."""
+        return self._floats(self._last.before if self._last else None)
+
+    @property
+    def moments_after(self) -> list[float]:
+        """Per-layer error second moments of the last backward pass, after modulation."""
+        return self._floats(self._last.after if self._last else None)
+
+    @property
+    def scales(self) -> list[float]:
+        """Factor applied to each layer's error in the last backward pass (1.0: untouched)."""
+        return self._floats(self._last.scale if self._last else None)
+
+    @property
+    def scaled(self) -> list[bool]:
+        """Which layers the last backward pass modulated."""
+        return [s != 1.0 for s in self.scales]
+
+    def __repr__(self) -> str:
+        until = "always" if self.until_step is None else f"until step {self.until_step}"
+        return f"ErrorModulator(layers={len(self.layers)}, tau={self.tau}, rule={self.rule!r}, {until})"

@@ -1,0 +1,70 @@
+import pytest
+import torch
+from torch import nn
+
+from orthomod.models import PAPER_DEPTHS, create, list_models
+
+
+def _count(model, kind):
+    return sum(isinstance(m, kind) for m in model.modules())
+
+
+@pytest.mark.parametrize("depth", PAPER_DEPTHS)
+def test_plain_layer_counts(depth):
+    model = create(f"plain{depth}")
+    assert _count(model, nn.Conv2d) == depth - 1
+    assert _count(model, nn.BatchNorm2d) == depth - 1
+    assert _count(model, nn.Linear) == 1
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.bias is None and c.kernel_size == (3, 3) for c in convs)
+    assert [c.stride[0] for c in convs].count(2) == 2
+    n = (depth - 2) // 6
+    widths = [c.out_channels for c in convs]
+    assert widths == [16] * (1 + 2 * n) + [32] * (2 * n) + [64] * (2 * n)
+
+
+@pytest.mark.parametrize("depth", PAPER_DEPTHS)
+def test_resnet_layer_counts(depth):
+    model = create(f"resnet{depth}")
+    # main path as in the plain net, plus two 3x3 projection shortcuts where the width doubles
+    assert _count(model, nn.Conv2d) == depth - 1 + 2
+    assert _count(model, nn.BatchNorm2d) == depth - 1 + 2
+    projections = [m for m in model.modules() if isinstance(m, nn.Sequential) and len(m) == 2
+                   and isinstance(m[0], nn.Conv2d)]
+    assert [(p[0].kernel_size, p[0].stride, p[0].out_channels) for p in projections] == [
+        ((3, 3), (2, 2), 32), ((3, 3), (2, 2), 64)]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_forward_backward(name):
+    torch.manual_seed(0)
+    model = create(name)
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (2, 10)
+    out.square().mean().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+
+
+def test_plain_and_resnet_share_main_path_shapes():
+    plain = [tuple(m.weight.shape) for m in create("plain32").modules() if isinstance(m, nn.Conv2d)]
+    res = [m for m in create("resnet32").modules() if isinstance(m, nn.Conv2d)]
+    assert len(res) == len(plain) + 2
+
+
+def test_any_6n_plus_2_depth_and_num_classes():
+    model = create("plain8", num_classes=100)
+    assert _count(model, nn.Conv2d) == 7
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 100)
+
+
+@pytest.mark.parametrize("name", ["plain21", "resnet45", "plain2"])
+def test_invalid_depth_says_which_are_valid(name):
+    with pytest.raises(ValueError, match=r"depth \d+ is not valid.*6n\+2.*20, 26, 32"):
+        create(name)
+
+
+def test_unknown_family():
+    with pytest.raises(ValueError, match="unknown model 'vgg16'"):
+        create("vgg16")

@@ -1,0 +1,166 @@
+"""Modulation on a chain of 1x1 convs with orthogonal weights: exact, predictable moments.
+
+With V_k = s_k Q_k (Q_k orthogonal, square) and no nonlinearity, the error at conv l's output
+is W_{l+1}^T ... W_L^T e_L, whose second moment is exactly s_{l+1}^2 ... s_L^2 q_L. So the
+factor each rule applies, and the resulting weight gradients, are known in closed form.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from orthomod.init import orthonormal_
+from orthomod.models import create
+from orthomod.modulation import ErrorModulator
+
+C = 6
+SCALES = [1.0, 3.0, 1.1, 0.25, 1.05, 2.5]  # s_1 .. s_L (s_1 never matters: nothing below conv 1)
+
+
+def _chain(scales=SCALES):
+    torch.manual_seed(0)
+    chain = nn.Sequential(*[nn.Conv2d(C, C, 1, bias=False) for _ in scales]).double()
+    for conv, s in zip(chain, scales):
+        orthonormal_(conv.weight, gain=s)
+    return chain
+
+
+def _grads(chain, modulator=None):
+    torch.manual_seed(1)
+    x = torch.randn(4, C, 5, 5, dtype=torch.float64)
+    g = torch.randn(4, C, 5, 5, dtype=torch.float64)
+    chain.zero_grad()
+    (chain(x) * g).sum().backward()
+    if modulator is not None:
+        modulator.step()
+    return [conv.weight.grad.clone() for conv in chain]
+
+
+def _predicted_factors(scales, tau, rule):
+    """Cumulative factor on each layer's error, from the rule as METHOD.md states it."""
+    n = len(scales)
+    factor = [1.0] * n
+    after = [None] * n
+    after[-1] = 1.0  # q_L, in units of the top moment
+    cumulative = 1.0
+    for l in range(n - 2, -1, -1):
+        raw = scales[l + 1] ** 2 * after[l + 1]  # moment arriving at layer l
+        ref = after[l + 1] if rule == "consecutive" else after[-1]
+        ratio = ref / raw
+        rho = 1.0
+        if ratio > tau or ratio < 1 / tau:
+            target = ref if rule == "consecutive" else ref / min(max(ratio, 1 / tau), tau)
+            rho = math.sqrt(target / raw)
+        after[l] = raw * rho**2
+        cumulative *= rho
+        factor[l] = cumulative
+    return factor
+
+
+@pytest.mark.parametrize("tau,rule", [(1.0, "consecutive"), (2.0, "consecutive"), (1.5, "top"), (1.0, "top")])
+def test_weight_gradients_scaled_by_exact_factor(tau, rule):
+    chain = _chain()
+    plain = _grads(chain)
+    with ErrorModulator(chain, tau=tau, rule=rule) as modulator:
+        modulated = _grads(chain, modulator)
+        scaled = modulator.scaled
+        before, after = modulator.moments_before, modulator.moments_after
+    expected = _predicted_factors(SCALES, tau, rule)
+    for g0, g1, f in zip(plain, modulated, expected):
+        assert torch.allclose(g1, f * g0, rtol=1e-10, atol=1e-15)
+    assert scaled[-1] is False  # the top layer is never modulated
+    if tau == 1.0:  # "always": every layer ends with the top layer's moment
+        assert after == pytest.approx([after[-1]] * len(SCALES), rel=1e-10)
+        assert all(scaled[:-1])
+    # the band 2.0 catches s=3 (ratio 1/9), s=0.25 (16) and s=2.5 (0.16) but not s=1.1 or 1.05
+    if (tau, rule) == (2.0, "consecutive"):
+        assert scaled == [True, False, True, False, True, False]
+        assert expected != [1.0] * len(SCALES)
+    ratios = [b / before[-1] for b in before]
+    assert ratios[-2] == pytest.approx(SCALES[-1] ** 2, rel=1e-10)  # raw moment below the top
+
+
+def test_until_step_stops_modulating():
+    chain = _chain()
+    plain = _grads(chain)
+    modulator = ErrorModulator(chain, tau=1.0, until_step=2)
+    first, second, third = (_grads(chain, modulator) for _ in range(3))
+    expected = _predicted_factors(SCALES, 1.0, "consecutive")
+    for g0, g1, g2, g3, f in zip(plain, first, second, third, expected):
+        assert torch.allclose(g1, f * g0) and torch.allclose(g2, f * g0)
+        assert torch.equal(g3, g0)
+    assert modulator.step_count == 3 and not modulator.active
+    modulator.remove()
+
+
+def test_until_step_zero_never_modulates():
+    chain = _chain()
+    plain = _grads(chain)
+    with ErrorModulator(chain, until_step=0) as modulator:
+        for g0, g1 in zip(plain, _grads(chain, modulator)):
+            assert torch.equal(g0, g1)
+
+
+def test_monitor_records_without_modulating():
+    chain = _chain()
+    plain = _grads(chain)
+    with ErrorModulator(chain, until_step=0, monitor=True) as modulator:
+        grads = _grads(chain, modulator)
+        before = modulator.moments_before
+    assert all(torch.equal(a, b) for a, b in zip(plain, grads))
+    for l in range(len(SCALES) - 1):
+        assert before[l] / before[l + 1] == pytest.approx(SCALES[l + 1] ** 2, rel=1e-10)
+
+
+def test_remove_restores_model():
+    chain = _chain()
+    plain = _grads(chain)
+    modulator = ErrorModulator(chain, tau=1.0)
+    _grads(chain, modulator)
+    modulator.remove()
+    assert all(len(conv._forward_hooks) == 0 for conv in chain)
+    assert all(torch.equal(a, b) for a, b in zip(plain, _grads(chain)))
+
+
+def test_forward_unchanged_under_bf16_autocast_channels_last():
+    torch.manual_seed(0)
+    model = create("plain20", init="orthonormal").to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 32, 32).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model(x)
+        with ErrorModulator(model, tau=1.0) as modulator:
+            out = model(x)
+            out.float().logsumexp(1).mean().backward()
+    assert torch.equal(reference, out)
+    after = torch.tensor(modulator.moments_after)
+    assert len(after) == 19 and torch.isfinite(after).all()
+    # "always": every layer's moment equals the top's, up to bf16 rounding of the scale
+    assert torch.allclose(after, after[-1].expand(19), rtol=2e-2)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_eval_forward_does_not_disturb_statistics():
+    chain = _chain()
+    with ErrorModulator(chain, tau=1.0) as modulator:
+        _grads(chain, modulator)
+        scales = modulator.scales
+        with torch.no_grad():
+            chain(torch.randn(2, C, 5, 5, dtype=torch.float64))
+        assert modulator.scales == scales
+
+
+def test_state_dict_roundtrip_and_validation():
+    chain = _chain()
+    a = ErrorModulator(chain, until_step=5)
+    for _ in range(3):
+        a.step()
+    b = ErrorModulator(chain, until_step=5)
+    b.load_state_dict(a.state_dict())
+    assert b.step_count == 3
+    for bad, msg in [(dict(tau=0.5), "tau must be >= 1"), (dict(until_step=-1), "until_step must be >= 0"),
+                     (dict(rule="cumulativ"), "unknown modulation rule 'cumulativ'")]:
+        with pytest.raises(ValueError, match=msg):
+            ErrorModulator(chain, **bad)
+    with pytest.raises(ValueError, match="no conv layers"):
+        ErrorModulator(nn.Linear(2, 2))
