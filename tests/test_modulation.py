@@ -164,3 +164,51 @@ def test_state_dict_roundtrip_and_validation():
             ErrorModulator(chain, **bad)
     with pytest.raises(ValueError, match="no conv layers"):
         ErrorModulator(nn.Linear(2, 2))
+
+
+def _explicit_reference_grads(model, x, y, tau):
+    """The rule applied literally: rescale each conv output's error tensor in the backward pass."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    after = {}
+
+    def hook_for(index):
+        def hook(grad):
+            q = grad.pow(2).mean().item()
+            above = after.get(index + 1)
+            rho = 1.0
+            if above is not None and not (1 / tau <= above / q <= tau):
+                rho = math.sqrt(above / q)
+            after[index] = q * rho**2
+            return grad * rho
+        return hook
+
+    def attach(index):
+        def forward_hook(module, inputs, output):
+            output.register_hook(hook_for(index))
+        return forward_hook
+
+    handles = [conv.register_forward_hook(attach(k)) for k, conv in enumerate(convs)]
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    for h in handles:
+        h.remove()
+    return [p.grad.clone() for p in model.parameters()], after
+
+
+@pytest.mark.parametrize("tau", [1.0, 1.3])
+def test_parameter_gradients_equal_explicit_error_scaling_through_bn_relu(tau):
+    torch.manual_seed(0)
+    model = create("plain20", init="msra").double()
+    x = torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, 10, (6,))
+    expected, after = _explicit_reference_grads(model, x, y, tau)
+    with ErrorModulator(model, tau=tau) as modulator:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        got = [p.grad.clone() for p in model.parameters()]
+        moments = modulator.moments_after
+        scaled = modulator.scaled
+    assert 0 < sum(scaled) < len(scaled) or tau == 1.0
+    assert moments == pytest.approx([after[k] for k in range(len(moments))], rel=1e-9)
+    for g, e in zip(got, expected):
+        assert torch.allclose(g, e, rtol=1e-9, atol=1e-16)

@@ -11,6 +11,14 @@ mismatch, scales its error before it propagates further down:
 Scaling the error at conv ``l``'s output also scales conv ``l``'s own weight gradient and
 everything below it: a per-layer, adaptive learning rate.
 
+Implementation: backpropagation is linear in the error, so scaling ``e^l`` by ``rho`` is the
+same as scaling by ``rho`` every parameter gradient that ``e^l`` produces further down. The
+modulator therefore never rewrites an activation gradient (a full extra pass over memory per
+layer); it keeps the product of the factors applied so far in the current backward pass and
+multiplies each parameter's gradient by it as the gradient is produced. Parameter gradients are
+exactly those of the explicit rule; the activation gradients that other hooks may see below a
+modulated layer are the raw ones, and the gradient with respect to the input is not scaled.
+
 What "mismatch" means is Open in METHOD.md; two rules are offered:
 
 - ``rule="consecutive"`` (the paper's words): modulate when ``q^{l+1} / q^l`` leaves
@@ -40,10 +48,10 @@ __all__ = ["ErrorModulator", "MODULATION_RULES"]
 MODULATION_RULES = ("consecutive", "top")
 
 
-def _second_moment(t: torch.Tensor) -> torch.Tensor:
-    # vector_norm with a float32 accumulator reads a bf16 gradient once, without a float copy.
-    dtype = torch.promote_types(t.dtype, torch.float32)
-    return torch.linalg.vector_norm(t, dtype=dtype).square() / t.numel()
+def _second_moment(t: torch.Tensor) -> float:
+    # The norm of a bf16 gradient is accumulated in float32 and rounded once to bf16 (relative
+    # error <= 2^-8): reading the tensor once in its own dtype costs a third of an upcast copy.
+    return float(torch.linalg.vector_norm(t)) ** 2 / t.numel()
 
 
 @dataclass
@@ -52,6 +60,7 @@ class _Pass:
 
     n_layers: int
     modulate: bool
+    pending: float = 1.0  # product of the factors applied so far in this backward pass
     before: list = field(default_factory=list)
     after: list = field(default_factory=list)
     scale: list = field(default_factory=list)
@@ -107,6 +116,7 @@ class ErrorModulator:
         self._current: _Pass | None = None
         self._last: _Pass | None = None
         self._handles = [layer.register_forward_hook(self._forward_hook) for layer in self.layers]
+        self._handles += [p.register_hook(self._parameter_hook) for p in model.parameters() if p.requires_grad]
 
     # -- schedule -----------------------------------------------------------------------------
     @property
@@ -129,6 +139,7 @@ class ErrorModulator:
         if not (torch.is_grad_enabled() and output.requires_grad):
             return
         if not (self.active or self.monitor):
+            self._current = None
             return
         key = id(layer)
         if key not in self._order:
@@ -140,7 +151,7 @@ class ErrorModulator:
         state = self._current
         output.register_hook(lambda grad: self._backward_hook(state, index, grad))
 
-    def _reference(self, state: _Pass, index: int) -> torch.Tensor | None:
+    def _reference(self, state: _Pass, index: int) -> float | None:
         """The moment this layer is compared with, or None when there is none yet."""
         if self.rule == "consecutive":
             upper = next((q for q in state.after[index + 1 :] if q is not None), None)
@@ -149,24 +160,34 @@ class ErrorModulator:
             upper = state.after[top] if top != index else None
         return upper
 
-    def _backward_hook(self, state: _Pass, index: int, grad: torch.Tensor) -> torch.Tensor:
-        q = _second_moment(grad.detach())
-        scale = torch.ones_like(q)
+    def _backward_hook(self, state: _Pass, index: int, grad: torch.Tensor) -> None:
+        # Moments are host floats: one sync per layer, and the rule's arithmetic costs nothing
+        # next to a tensor op per step of it (this runs 100+ times per backward pass).
+        q = state.pending**2 * _second_moment(grad.detach())
+        scale = 1.0
         reference = self._reference(state, index) if state.modulate else None
-        if reference is not None:
+        if reference is not None and q > 0 and math.isfinite(q):
             ratio = reference / q
-            outside = ((ratio > self.tau) | (ratio < 1.0 / self.tau)) & (q > 0) & torch.isfinite(ratio)
-            if self.rule == "consecutive":
-                target = reference
-            else:  # back to the nearest edge of [q^L / tau, q^L * tau]
-                target = reference / ratio.clamp(1.0 / self.tau, self.tau)
-            scale = torch.where(outside, torch.sqrt(target / q), scale)
+            if ratio > self.tau or ratio < 1.0 / self.tau:
+                if self.rule == "consecutive":
+                    target = reference
+                else:  # back to the nearest edge of [q^L / tau, q^L * tau]
+                    target = reference / min(max(ratio, 1.0 / self.tau), self.tau)
+                scale = math.sqrt(target / q)
+        state.pending *= scale
         state.before[index] = q
-        state.after[index] = q * scale.square()
+        state.after[index] = q * scale**2
         state.scale[index] = scale
         if index == 0:  # the first conv is the last one the backward pass reaches
             self._last = state
-        return grad if reference is None else grad * scale
+
+    def _parameter_hook(self, grad: torch.Tensor) -> torch.Tensor | None:
+        # Runs as each parameter's gradient is produced, after the modulation of every layer
+        # above it (autograd reaches a layer's parameters once the error at its output is known).
+        state = self._current
+        if state is None or state.pending == 1.0:
+            return None
+        return grad * state.pending
 
     def remove(self) -> None:
         """Detach every hook; the model is as it was before."""
@@ -185,7 +206,7 @@ class ErrorModulator:
     def _floats(self, values: list | None) -> list[float]:
         if values is None:
             return []
-        return [math.nan if v is None else float(v) for v in values[: len(self._order)]]
+        return [math.nan if v is None else v for v in values[: len(self._order)]]
 
     @property
     def moments_before(self) -> list[float]:

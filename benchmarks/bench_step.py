@@ -1,0 +1,91 @@
+"""Cost of orthonormality + modulation in a full SGD training step, against weight decay.
+
+Times one training step (forward, backward, regularizer, SGD update) of a CIFAR plain net under
+bf16 autocast and channels_last, for:
+  l2         SGD(weight_decay=1e-4 on conv/linear weights)       -- the reference
+  ortho+mod  OrthonormalRegularizer.add_grad_() + ErrorModulator -- orthomod's way
+  ortho      OrthonormalRegularizer.add_grad_() alone
+  naive+mod  the penalty as a loss term through autograd + ErrorModulator
+Configurations are interleaved round by round (the machine is noisy) and the medians compared.
+
+    python benchmarks/bench_step.py --model plain110 --batch-size 128 --rounds 10 --tau 1
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from orthomod import ErrorModulator, OrthonormalRegularizer, create
+from orthomod.regularizers import split_decay_parameters
+
+
+def make_step(name: str, base: torch.nn.Module, tau: float):
+    model = copy.deepcopy(base)
+    weights, others = split_decay_parameters(model)
+    wd = 1e-4 if name == "l2" else 0.0
+    opt = torch.optim.SGD([{"params": weights, "weight_decay": wd}, {"params": others, "weight_decay": 0.0}],
+                          lr=0.01, momentum=0.9)
+    reg = OrthonormalRegularizer(model, 1e-4) if name != "l2" else None
+    modulator = ErrorModulator(model, tau=tau) if name.endswith("+mod") else None
+
+    def step(x, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        if name.startswith("naive"):
+            loss = loss + reg.loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if reg is not None and not name.startswith("naive"):
+            reg.add_grad_()
+        opt.step()
+        if modulator is not None:
+            modulator.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="plain110")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps-per-round", type=int, default=3)
+    parser.add_argument("--tau", type=float, default=1.0, help="1 modulates every layer: the costliest case")
+    parser.add_argument("--configs", default="l2,ortho+mod,ortho,naive+mod")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    base = create(args.model, init="orthonormal").to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch_size, 3, 32, 32).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch_size,))
+    names = args.configs.split(",")
+    steps = {n: make_step(n, base, args.tau) for n in names}
+    for n in names:  # warm-up: allocator, oneDNN kernel selection
+        for _ in range(2):
+            steps[n](x, y)
+    times = {n: [] for n in names}
+    for _ in range(args.rounds):
+        for n in names:
+            start = time.perf_counter()
+            for _ in range(args.steps_per_round):
+                steps[n](x, y)
+            times[n].append((time.perf_counter() - start) / args.steps_per_round)
+    ref = statistics.median(times["l2"])
+    result = {
+        "model": args.model, "batch_size": args.batch_size, "rounds": args.rounds, "tau": args.tau,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "median_step_s": {n: round(statistics.median(t), 4) for n, t in times.items()},
+        "ratio_vs_l2": {n: round(statistics.median(t) / ref, 4) for n, t in times.items()},
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
