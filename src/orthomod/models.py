@@ -21,7 +21,7 @@ from torch import nn
 
 from .init import init_model_
 
-__all__ = ["create", "list_models", "plain_cifar", "resnet_cifar", "cifar_depths", "PAPER_DEPTHS"]
+__all__ = ["create", "parse_model_name", "list_models", "plain_cifar", "resnet_cifar", "cifar_depths", "PAPER_DEPTHS"]
 
 PAPER_DEPTHS = (20, 32, 44, 56, 110)
 _WIDTHS = (16, 32, 64)
@@ -36,7 +36,7 @@ def _stage_layers(depth: int) -> int:
     if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ValueError(
             f"depth {depth} is not valid for the CIFAR networks: depth must be 6n+2 with n >= 1 "
-            f"(8, 14, 20, 26, 32, 38, 44, 56, 110, ...)"
+            f"(8, 14, 20, 26, 32, ..., 44, ..., 56, ..., 110, ...)"
         )
     return (depth - 2) // 6
 
@@ -129,18 +129,26 @@ def list_models() -> list[str]:
     return [f"{family}{depth}" for family in _FAMILIES for depth in PAPER_DEPTHS]
 
 
-def create(name: str, num_classes: int = 10, init: str | None = "msra") -> nn.Module:
-    """Build a model by name (``plain44``, ``resnet110``, ...) and initialize it with ``init``.
-
-    ``init`` is a scheme of :func:`orthomod.init.init_model_` or None for PyTorch's defaults.
-    """
+def parse_model_name(name: str) -> tuple[str, int]:
+    """``"plain44"`` -> ``("plain", 44)``; a ValueError names the problem for anything invalid."""
     match = re.fullmatch(r"([a-z]+)(\d+)", name.strip().lower()) if isinstance(name, str) else None
     if match is None or match.group(1) not in _FAMILIES:
         raise ValueError(
             f"unknown model {name!r}; use plain<depth> or resnet<depth> with depth 6n+2, "
             f"e.g. {', '.join(list_models())}"
         )
-    model = _FAMILIES[match.group(1)](int(match.group(2)), num_classes=num_classes)
+    depth = int(match.group(2))
+    _stage_layers(depth)
+    return match.group(1), depth
+
+
+def create(name: str, num_classes: int = 10, init: str | None = "msra") -> nn.Module:
+    """Build a model by name (``plain44``, ``resnet110``, ...) and initialize it with ``init``.
+
+    ``init`` is a scheme of :func:`orthomod.init.init_model_` or None for PyTorch's defaults.
+    """
+    family, depth = parse_model_name(name)
+    model = _FAMILIES[family](depth, num_classes=num_classes)
     if init is not None:
         init_model_(model, init)
     return model

@@ -1,0 +1,182 @@
+"""Command line: a thin layer over :mod:`orthomod.train` and the config.
+
+    orthomod train --config demo                 # a preset (see: orthomod presets) or a TOML file
+    orthomod train --model plain44 --init orthonormal --reg ortho --epochs 10 --dataset cifar10
+    orthomod train --resume runs/NAME            # continue where the last checkpoint left off
+    orthomod eval runs/NAME                      # re-evaluate a run's checkpoint
+    orthomod presets                             # list the presets
+
+Invalid input gives a one-line error and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig, list_presets, load_config_file
+
+__all__ = ["main"]
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("on", "true", "yes", "1"):
+        return True
+    if lowered in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on/off, got {text!r}")
+
+
+def _optional_int(text: str) -> int | None:
+    if text.lower() in ("none", "always"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer number of iterations or 'always', got {text!r}")
+
+
+# flag -> (config key, type, help)
+_TRAIN_FLAGS = {
+    "--model": ("model", str, "plain<d> or resnet<d>, d = 6n+2 (e.g. plain44, resnet110)"),
+    "--dataset": ("dataset", str, "shapes (built in, no download) or cifar10"),
+    "--data": ("data", str, "folder holding cifar-10-batches-py (default: $ORTHOMOD_DATA, then the cache)"),
+    "--epochs": ("epochs", float, "budget in epochs (the lr milestones scale with it)"),
+    "--iterations": ("iterations", int, "budget in iterations"),
+    "--batch-size": ("batch_size", int, "mini-batch size (paper: 128)"),
+    "--lr": ("lr", float, "base learning rate (default: per optimizer; SGD 0.1)"),
+    "--optimizer": ("optimizer", str, "sgd, nesterov, adagrad, adadelta, rmsprop or adam"),
+    "--schedule": ("schedule", str, "step (paper), cosine or constant"),
+    "--warmup-steps": ("warmup_steps", int, "linear lr warm-up steps"),
+    "--init": ("init", str, "msra or orthonormal"),
+    "--reg": ("reg", str, "l2, ortho or none"),
+    "--reg-coeff": ("reg_coeff", float, "weight decay / orthonormality lambda (paper: 1e-4)"),
+    "--modulation": ("modulation", _bool, "backward error modulation on/off"),
+    "--modulation-tau": ("modulation_tau", float, "modulate when consecutive moments differ by more than tau"),
+    "--modulation-until": ("modulation_until", _optional_int, "modulate during the first N iterations ('always')"),
+    "--modulation-rule": ("modulation_rule", str, "consecutive (paper) or top"),
+    "--augment": ("augment", str, "flip (paper), flip-crop or none"),
+    "--normalize": ("normalize", str, "pixel (paper) or channel"),
+    "--seed": ("seed", int, "seed for init, data order and augmentation"),
+    "--device": ("device", str, "auto, cpu, cuda, cuda:N"),
+    "--bf16": ("bf16", _bool, "bf16 autocast on/off"),
+    "--channels-last": ("channels_last", _bool, "channels_last memory format on/off"),
+    "--log-every": ("log_every", int, "steps between metrics lines"),
+    "--checkpoint-every": ("checkpoint_every", int, "steps between checkpoints"),
+    "--out": ("out", str, "parent folder of run folders (default: runs)"),
+    "--name": ("name", str, "run folder name (default: derived from the settings and time)"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's own convention)
+        self.exit(2, f"orthomod: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="orthomod", description="Train extremely deep plain CNNs with orthonormality and modulation.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train one run", description="Train one run. Flags override the config.")
+    train.add_argument("--config", help="a TOML config file or a preset name (see: orthomod presets)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for flag, (key, kind, text) in _TRAIN_FLAGS.items():
+        train.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text)
+
+    evaluate = sub.add_parser("eval", help="re-evaluate a run's checkpoint on the test set")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--checkpoint", choices=("last", "best"), default="last")
+    evaluate.add_argument("--data", help="CIFAR-10 folder, if it moved since training")
+    evaluate.add_argument("--device", default="auto")
+
+    sub.add_parser("presets", help="list the preset configs")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import Trainer
+
+    overrides = {key: getattr(args, key) for _, (key, _, _) in _TRAIN_FLAGS.items() if hasattr(args, key)}
+    if args.resume:
+        if args.config or overrides:
+            given = ["--config"] if args.config else []
+            given += [flag for flag, (key, _, _) in _TRAIN_FLAGS.items() if key in overrides]
+            raise ConfigError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+        run_dir = Path(args.resume)
+        config_path = run_dir / "config.json"
+        if not config_path.is_file():
+            raise ConfigError(f"{run_dir} is not a run folder (no config.json); give the folder a run was written to")
+        config = TrainConfig.from_dict(json.loads(config_path.read_text()), source=str(config_path))
+        trainer = Trainer(config, run_dir=run_dir, resume=True, progress=not args.no_progress)
+    else:
+        values = load_config_file(args.config) if args.config else {}
+        config = TrainConfig.from_dict({**values, **overrides})
+        if "epochs" in overrides and "iterations" not in overrides:
+            config.iterations = None  # a budget flag replaces the config's budget
+        if "iterations" in overrides and "epochs" not in overrides:
+            config.epochs = None
+        trainer = Trainer(config, progress=not args.no_progress)
+    print(f"run folder: {trainer.run_dir}", file=sys.stderr)
+    summary = trainer.run()
+    keys = ("status", "step", "final_test_acc", "best_test_acc", "final_train_loss", "wall_time_s")
+    print(json.dumps({k: summary[k] for k in keys}))
+    return 130 if summary["status"] == "interrupted" else 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import load_dataset
+    from .files import load_checkpoint
+    from .models import create
+    from .train import evaluate, make_loaders, resolve_device
+
+    run_dir = Path(args.run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.json)")
+    config = TrainConfig.from_dict(json.loads(config_path.read_text()), source=str(config_path))
+    if args.data:
+        config.data = args.data
+    device = resolve_device(args.device)
+    path = run_dir / ("checkpoint.pt" if args.checkpoint == "last" else "best.pt")
+    state = load_checkpoint(path, map_location=device)
+    dataset = load_dataset(config.dataset, config.data, config.shapes_train, config.shapes_test, seed=config.seed)
+    _, test = make_loaders(config, dataset, device)
+    model = create(config.model, num_classes=len(dataset.classes), init=None).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.load_state_dict(state["model"])
+    loss, acc = evaluate(model, test, device, config.bf16)
+    print(json.dumps({"run": str(run_dir), "checkpoint": path.name, "step": state["step"],
+                      "test_loss": round(loss, 5), "test_acc": acc}))
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    presets = list_presets()
+    width = max(map(len, presets))
+    for name, description in presets.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DataError
+    from .files import CheckpointError
+    from .train import RunError
+
+    args = _parser().parse_args(argv)
+    handlers = {"train": _train, "eval": _eval, "presets": _presets}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DataError, CheckpointError, RunError) as exc:
+        print(f"orthomod: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

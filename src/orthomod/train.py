@@ -1,0 +1,390 @@
+"""The training engine: the paper's CIFAR-10 protocol, resumable, with append-only results.
+
+A run folder holds:
+  config.json      the resolved config
+  metrics.jsonl    one JSON line per logging interval ({"kind": "train", ...}) and per
+                   evaluation ({"kind": "eval", ...}); never duplicated across resumes
+  summary.json     status (running/completed/interrupted/diverged), final and best accuracy,
+                   wall time; rewritten atomically at every evaluation and at the end
+  checkpoint.pt    the latest checkpoint (atomic); best.pt: weights of the best evaluation
+
+Protocol (METHOD.md section 6): SGD momentum 0.9, batch 128, lr 0.1 divided by 10 at 32k and
+48k of 64k iterations; given a budget in epochs or iterations the milestones keep their
+fractions (0.5, 0.75) of the run.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import platform
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+from .data import BatchLoader, Dataset, load_dataset, normalization
+from .files import load_checkpoint, save_checkpoint, save_json
+from .models import create
+from .modulation import ErrorModulator
+from .regularizers import OrthonormalRegularizer, split_decay_parameters
+
+__all__ = ["Trainer", "RunError", "evaluate", "build_optimizer", "lr_factor"]
+
+
+class RunError(Exception):
+    """A run cannot start or resume; the message says why and what to do."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RunError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"device {name!r} asked for but CUDA is not available here; use --device cpu")
+    return device
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CPU (AMX) and on GPUs that support it; a no-op otherwise."""
+    if not enabled:
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The config's optimizer; L2 decay only on conv/linear weights unless ``decay_bn_bias``.
+
+    With ``reg = "ortho"`` the optimizer gets no weight decay at all: the orthonormality
+    gradient takes its place (METHOD.md section 3).
+    """
+    weights, others = split_decay_parameters(model)
+    l2 = config.reg_coeff if config.reg == "l2" else 0.0
+    groups = [{"params": weights, "weight_decay": l2},
+              {"params": others, "weight_decay": l2 if config.decay_bn_bias else 0.0}]
+    lr = config.learning_rate
+    name = config.optimizer
+    if name in ("sgd", "nesterov"):
+        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=name == "nesterov")
+    if name == "adagrad":
+        return torch.optim.Adagrad(groups, lr=lr)
+    if name == "adadelta":
+        return torch.optim.Adadelta(groups, lr=lr)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr)
+    return torch.optim.Adam(groups, lr=lr)
+
+
+def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
+    """Multiplier of the base lr at ``step`` (0-based) of ``total_steps``."""
+    if config.schedule == "step":
+        passed = sum(step >= round(m * total_steps) for m in config.milestones)
+        factor = config.lr_decay**passed
+    elif config.schedule == "cosine":
+        factor = 0.5 * (1 + math.cos(math.pi * step / total_steps))
+    else:
+        factor = 1.0
+    if step < config.warmup_steps:
+        factor *= 0.1 + 0.9 * step / config.warmup_steps
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, bf16: bool) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` over ``loader``."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for x, y in loader.epoch():
+        with autocast(device, bf16):
+            out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        count += len(y)
+    model.train(was_training)
+    return loss_sum / count, correct / count
+
+
+def layer_statistics(model: nn.Module) -> list[dict]:
+    """Norm, largest magnitude and finiteness of every parameter and its gradient."""
+    stats = []
+    for name, p in model.named_parameters():
+        entry = {"name": name, "shape": list(p.shape), "norm": float(p.detach().float().norm()),
+                 "max_abs": float(p.detach().float().abs().max()), "finite": bool(torch.isfinite(p).all())}
+        if p.grad is not None:
+            entry["grad_norm"] = float(p.grad.float().norm())
+            entry["grad_finite"] = bool(torch.isfinite(p.grad).all())
+        stats.append(entry)
+    return stats
+
+
+def make_loaders(config: TrainConfig, dataset: Dataset, device: torch.device) -> tuple[BatchLoader, BatchLoader]:
+    mean, std = normalization(dataset.train_images, config.normalize)
+    common = dict(mean=mean, std=std, device=device, channels_last=config.channels_last)
+    train = BatchLoader(dataset.train_images, dataset.train_labels, config.batch_size, train=True,
+                        augment=config.augment, seed=config.seed, **common)
+    test = BatchLoader(dataset.test_images, dataset.test_labels, config.eval_batch_size, **common)
+    return train, test
+
+
+def default_run_name(config: TrainConfig) -> str:
+    parts = [config.model, config.init, config.reg]
+    if config.modulation:
+        parts.append(f"mod{config.modulation_tau:g}")
+    parts += [config.optimizer, f"s{config.seed}", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]
+    return "-".join(parts)
+
+
+class Trainer:
+    """Run one config to completion, divergence or interruption, resumably.
+
+    >>> summary = Trainer(TrainConfig(model="plain8", iterations=20)).run()
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: str | Path | None = None, resume: bool = False,
+                 progress: bool = True):
+        self.config = config.validate()
+        name = config.name or default_run_name(config)
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(config.out) / name
+        self.resume = resume
+        self.progress = progress
+        self._stop_signal: int | None = None
+        if not resume and (self.run_dir / "checkpoint.pt").exists():
+            raise RunError(f"run folder {self.run_dir} already has a checkpoint; continue it with "
+                           f"--resume {self.run_dir}, or choose another --name")
+        self.device = resolve_device(config.device)
+
+    # -- setup --------------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        dataset = load_dataset(cfg.dataset, cfg.data, cfg.shapes_train, cfg.shapes_test, seed=cfg.seed)
+        self.classes = dataset.classes
+        self.train_loader, self.test_loader = make_loaders(cfg, dataset, self.device)
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = cfg.iterations or max(1, round(cfg.epochs * self.steps_per_epoch))
+        model = create(cfg.model, num_classes=len(dataset.classes), init=cfg.init).to(self.device)
+        self.model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.regularizer = OrthonormalRegularizer(self.model, cfg.reg_coeff) if cfg.reg == "ortho" else None
+        self.modulator = None
+        if cfg.modulation:
+            self.modulator = ErrorModulator(self.model, tau=cfg.modulation_tau, until_step=cfg.modulation_until,
+                                            rule=cfg.modulation_rule)
+        self.step = 0
+        self.best_acc, self.best_step = -1.0, None
+        self.last_eval: dict | None = None
+        self.last_train: dict | None = None
+        self.wall_time_before = 0.0
+
+    def _restore(self) -> None:
+        state = load_checkpoint(self.run_dir / "checkpoint.pt", map_location=self.device)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise RunError(f"checkpoint {self.run_dir / 'checkpoint.pt'} does not match this run's model or "
+                           f"optimizer ({str(exc).splitlines()[0]})") from None
+        if self.modulator is not None and state.get("modulator"):
+            self.modulator.load_state_dict(state["modulator"])
+        self.step = state["step"]
+        self.best_acc, self.best_step = state["best_acc"], state["best_step"]
+        self.last_eval, self.last_train = state.get("last_eval"), state.get("last_train")
+        self.wall_time_before = state["wall_time"]
+        torch.set_rng_state(state["torch_rng"])
+        self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines written after the checkpoint: they will be written again."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut by a crash mid-write
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def _wall_time(self) -> float:
+        return self.wall_time_before + time.perf_counter() - self._session_start
+
+    def _checkpoint(self) -> None:
+        save_checkpoint(self.run_dir / "checkpoint.pt", {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "modulator": self.modulator.state_dict() if self.modulator else None,
+            "step": self.step, "best_acc": self.best_acc, "best_step": self.best_step,
+            "last_eval": self.last_eval, "last_train": self.last_train,
+            "wall_time": self._wall_time(), "torch_rng": torch.get_rng_state(),
+            "config": self.config.to_dict(),
+        })
+
+    def _log(self, record: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _summary(self, status: str, **extra) -> dict:
+        cfg = self.config
+        summary = {
+            "status": status, "step": self.step, "total_steps": self.total_steps,
+            "epoch": round(self.step / self.steps_per_epoch, 4),
+            "final_test_acc": self.last_eval["test_acc"] if self.last_eval else None,
+            "final_test_loss": self.last_eval["test_loss"] if self.last_eval else None,
+            "best_test_acc": self.best_acc if self.best_step is not None else None,
+            "best_step": self.best_step,
+            "final_train_loss": self.last_train["loss"] if self.last_train else None,
+            "final_train_acc": self.last_train["train_acc"] if self.last_train else None,
+            "wall_time_s": round(self._wall_time(), 1),
+            "diverged": status == "diverged",
+            "settings": {k: getattr(cfg, k) for k in ("model", "dataset", "init", "reg", "reg_coeff", "modulation",
+                                                      "modulation_tau", "modulation_until", "modulation_rule",
+                                                      "optimizer", "batch_size", "seed")} | {"lr": cfg.learning_rate},
+            "device": str(self.device), "torch": torch.__version__, "machine": platform.machine(),
+            "updated": datetime.datetime.now().isoformat(timespec="seconds"),
+            **extra,
+        }
+        save_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    def _evaluate(self) -> None:
+        loss, acc = evaluate(self.model, self.test_loader, self.device, self.config.bf16)
+        self.last_eval = {"kind": "eval", "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+                          "test_loss": loss, "test_acc": acc}
+        self._log(self.last_eval)
+        if acc > self.best_acc:
+            self.best_acc, self.best_step = acc, self.step
+            save_checkpoint(self.run_dir / "best.pt", {"model": self.model.state_dict(), "step": self.step,
+                                                       "test_acc": acc, "config": self.config.to_dict()})
+        self._summary("running")
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train; return the summary (also written to ``summary.json``)."""
+        self._session_start = time.perf_counter()
+        self._build()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume:
+            self._restore()
+        else:
+            save_json(self.run_dir / "config.json", self.config.to_dict())
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._train()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if self.modulator is not None:
+                self.modulator.remove()
+
+    def _train(self) -> dict:
+        cfg, model = self.config, self.model
+        model.train()
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=self.run_dir.name, unit="step",
+                       dynamic_ncols=True)
+        window = {"loss": 0.0, "correct": 0, "count": 0, "time": 0.0, "steps": 0}
+        try:
+            while self.step < self.total_steps:
+                epoch, start = divmod(self.step, self.steps_per_epoch)
+                for x, y in self.train_loader.epoch(epoch, start, first_step=self.step):
+                    tick = time.perf_counter()
+                    lr = cfg.learning_rate * lr_factor(cfg, self.step, self.total_steps)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    with autocast(self.device, cfg.bf16):
+                        out = model(x)
+                    loss = F.cross_entropy(out.float(), y)
+                    loss_value = loss.item()
+                    if not math.isfinite(loss_value):
+                        return self._diverged(loss_value, bar)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if self.regularizer is not None:
+                        self.regularizer.add_grad_()
+                    self.optimizer.step()
+                    if self.modulator is not None:
+                        self.modulator.step()
+                    self.step += 1
+                    window["loss"] += loss_value * len(y)
+                    window["correct"] += (out.argmax(1) == y).sum().item()
+                    window["count"] += len(y)
+                    window["steps"] += 1
+                    window["time"] += time.perf_counter() - tick
+                    if bar is not None:
+                        bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                        self._log_window(window, lr, bar)
+                    epoch_end = self.step % self.steps_per_epoch == 0
+                    if epoch_end or self.step == self.total_steps:
+                        self._evaluate()
+                    if (epoch_end or self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps
+                            or self._stop_signal is not None):
+                        self._checkpoint()
+                    if self._stop_signal is not None:
+                        return self._interrupted(bar)
+                    if self.step == self.total_steps:
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+        return self._summary("completed")
+
+    def _log_window(self, window: dict, lr: float, bar) -> None:
+        record = {"kind": "train", "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+                  "loss": window["loss"] / window["count"], "train_acc": window["correct"] / window["count"],
+                  "lr": lr, "images_per_s": window["count"] / max(window["time"], 1e-9)}
+        self._log(record)
+        self.last_train = record
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.3f}", lr=f"{lr:.3g}",
+                            img_s=f"{record['images_per_s']:.0f}")
+        window.update(loss=0.0, correct=0, count=0, time=0.0, steps=0)
+
+    def _diverged(self, loss_value: float, bar) -> dict:
+        step = self.step + 1  # the step whose loss is not finite (1-based, like metrics)
+        stats = layer_statistics(self.model)
+        bad = [s["name"] for s in stats if not s["finite"]]
+        message = (f"diverged at step {step}: loss is {loss_value}; "
+                   f"{len(bad)} of {len(stats)} parameter tensors are non-finite"
+                   + (f" (first: {bad[0]})" if bad else "")
+                   + f"; the last good checkpoint stays in {self.run_dir}")
+        if bar is not None:
+            bar.write(message)
+        else:
+            print(message)
+        moments = self.modulator.moments_after if self.modulator is not None else None
+        return self._summary("diverged", diverged_at_step=step, divergence={
+            "loss": str(loss_value), "message": message, "layers": stats, "error_moments": moments})
+
+    def _interrupted(self, bar) -> dict:
+        name = signal.Signals(self._stop_signal).name
+        message = (f"{name} received: stopped at step {self.step} after writing a checkpoint; "
+                   f"continue with: orthomod train --resume {self.run_dir}")
+        if bar is not None:
+            bar.write(message)
+        else:
+            print(message)
+        return self._summary("interrupted", signal=name)
