@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -119,11 +120,12 @@ def _train(args: argparse.Namespace) -> int:
         if "iterations" in overrides and "epochs" not in overrides:
             config.epochs = None
         trainer = Trainer(config, progress=not args.no_progress)
-    print(f"run folder: {trainer.run_dir}", file=sys.stderr)
     summary = trainer.run()
     keys = ("status", "step", "final_test_acc", "best_test_acc", "final_train_loss", "wall_time_s")
-    print(json.dumps({k: summary[k] for k in keys}))
-    return 130 if summary["status"] == "interrupted" else 0
+    print(json.dumps({"run": str(trainer.run_dir)} | {k: summary[k] for k in keys}))
+    if summary["status"] == "interrupted":  # the shell's convention for a signal: 128 + its number
+        return 128 + signal.Signals[summary["signal"]].value
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import json
 import math
 import platform
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -287,6 +288,8 @@ class Trainer:
         else:
             save_json(self.run_dir / "config.json", self.config.to_dict())
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        self._say(f"run folder: {self.run_dir} (step {self.step} of {self.total_steps}, "
+                  f"{self.steps_per_epoch} per epoch)", None)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             return self._train()
@@ -363,18 +366,24 @@ class Trainer:
                             img_s=f"{record['images_per_s']:.0f}")
         window.update(loss=0.0, correct=0, count=0, time=0.0, steps=0)
 
+    @staticmethod
+    def _say(message: str, bar) -> None:
+        if bar is not None:
+            bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr)
+
     def _diverged(self, loss_value: float, bar) -> dict:
         step = self.step + 1  # the step whose loss is not finite (1-based, like metrics)
         stats = layer_statistics(self.model)
         bad = [s["name"] for s in stats if not s["finite"]]
+        largest = max(stats, key=lambda s: s["max_abs"] if s["finite"] else math.inf)
         message = (f"diverged at step {step}: loss is {loss_value}; "
                    f"{len(bad)} of {len(stats)} parameter tensors are non-finite"
                    + (f" (first: {bad[0]})" if bad else "")
+                   + f", largest |weight| {largest['max_abs']:.3g} in {largest['name']}"
                    + f"; the last good checkpoint stays in {self.run_dir}")
-        if bar is not None:
-            bar.write(message)
-        else:
-            print(message)
+        self._say(message, bar)
         moments = self.modulator.moments_after if self.modulator is not None else None
         return self._summary("diverged", diverged_at_step=step, divergence={
             "loss": str(loss_value), "message": message, "layers": stats, "error_moments": moments})
@@ -383,8 +392,5 @@ class Trainer:
         name = signal.Signals(self._stop_signal).name
         message = (f"{name} received: stopped at step {self.step} after writing a checkpoint; "
                    f"continue with: orthomod train --resume {self.run_dir}")
-        if bar is not None:
-            bar.write(message)
-        else:
-            print(message)
+        self._say(message, bar)
         return self._summary("interrupted", signal=name)

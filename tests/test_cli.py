@@ -1,0 +1,101 @@
+import json
+
+import pytest
+
+from conftest import tiny_config
+from orthomod.cli import main
+from orthomod.config import ConfigError, TrainConfig, list_presets, load_config_file
+from orthomod.train import Trainer
+
+
+def _error(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("orthomod: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def _system_exit_error(capsys, *argv):
+    with pytest.raises(SystemExit) as info:
+        main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith("orthomod: error: ") and "\n" not in err
+    return err
+
+
+def test_invalid_inputs_give_one_line_errors(tmp_path, capsys, monkeypatch):
+    base = ["train", "--iterations", "2", "--out", str(tmp_path), "--no-progress"]
+    assert "unknown model 'vgg16'" in _error(capsys, *base, "--model", "vgg16")
+    assert "depth 45 is not valid" in _error(capsys, *base, "--model", "plain45")
+    assert "lr must be > 0, got -0.1" in _error(capsys, *base, "--lr", "-0.1")
+    assert "optimizer = 'sgdd' is not valid; choose one of sgd, nesterov" in _error(capsys, *base, "--optimizer", "sgdd")
+    missing = tmp_path / "no-such-folder"
+    err = _error(capsys, *base, "--dataset", "cifar10", "--data", str(missing))
+    assert f"data folder {missing} does not exist" in err
+    bad_key = tmp_path / "bad.toml"
+    bad_key.write_text('model = "plain8"\nlearning_rate = 0.1\n')
+    assert f"unknown config key 'learning_rate' in {bad_key}" in _error(capsys, *base, "--config", str(bad_key))
+    bad_type = tmp_path / "type.toml"
+    bad_type.write_text('batch_size = "large"\n')
+    assert "batch_size = 'large' has the wrong type; expected int" in _error(capsys, *base, "--config", str(bad_type))
+    assert "neither a file nor a preset" in _error(capsys, *base, "--config", "no-such-preset")
+    assert "exactly one of epochs or iterations" in _error(capsys, "train", "--out", str(tmp_path))
+    assert "unrecognized arguments: --depth" in _system_exit_error(capsys, *base, "--depth", "44")
+    assert "invalid float value: 'fast'" in _system_exit_error(capsys, *base, "--lr", "fast")
+
+
+def test_resume_and_eval_errors(tmp_path, capsys):
+    assert "is not a run folder (no config.json)" in _error(capsys, "train", "--resume", str(tmp_path))
+    Trainer(tiny_config(tmp_path, iterations=3), progress=False).run()
+    capsys.readouterr()
+    run = tmp_path / "run"
+    assert "drop --lr" in _error(capsys, "train", "--resume", str(run), "--lr", "0.5")
+    (run / "checkpoint.pt").write_bytes(b"garbage, not a checkpoint")
+    err = _error(capsys, "train", "--resume", str(run), "--no-progress")
+    assert f"checkpoint {run / 'checkpoint.pt'} is corrupt" in err
+    assert "corrupt" in _error(capsys, "eval", str(run))
+
+
+def test_flags_override_config_and_eval_reproduces_summary(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text('model = "plain14"\ndataset = "shapes"\nshapes_train = 600\nshapes_test = 100\n'
+                      'epochs = 100\nbatch_size = 50\nreg = "ortho"\ninit = "orthonormal"\n')
+    code = main(["train", "--config", str(config), "--model", "plain8", "--iterations", "12", "--out", str(tmp_path),
+                 "--name", "r", "--no-progress"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["model"] == "plain8" and saved["iterations"] == 12 and saved["epochs"] is None
+    assert saved["reg"] == "ortho" and saved["shapes_train"] == 600
+    assert printed["status"] == "completed" and printed["step"] == 12
+    assert main(["eval", str(tmp_path / "r")]) == 0
+    result = json.loads(capsys.readouterr().out.strip())
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert result["step"] == 12 and result["test_acc"] == pytest.approx(summary["final_test_acc"])
+
+
+def test_every_preset_is_a_valid_config(capsys):
+    presets = list_presets()
+    assert {"demo", "plain44-ortho", "plain44-l2", "plain110-ortho-mod", "plain110-ortho-mod-always",
+            "resnet110-l2", "table2-plain110-adam", "table2-plain44-adadelta"} <= set(presets)
+    for name, description in presets.items():
+        assert description, name
+        TrainConfig.from_dict(load_config_file(name)).validate()
+    assert main(["presets"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == len(presets) and listed[0].split()[0] == sorted(presets)[0]
+
+
+def test_paper_presets_follow_the_protocol():
+    for name in ("plain44-ortho", "plain110-l2", "table2-plain110-rmsprop"):
+        c = TrainConfig.from_dict(load_config_file(name))
+        assert (c.dataset, c.iterations, c.batch_size, c.augment, c.normalize) == ("cifar10", 64000, 128, "flip", "pixel")
+        assert c.reg_coeff == 1e-4 and c.milestones == [0.5, 0.75]
+    ortho = TrainConfig.from_dict(load_config_file("plain44-ortho"))
+    assert (ortho.init, ortho.reg) == ("orthonormal", "ortho")
+
+
+def test_config_rejects_unknown_key_with_valid_list():
+    with pytest.raises(ConfigError, match="unknown config key 'tau'.*valid keys: .*modulation_tau"):
+        TrainConfig.from_dict({"tau": 2})

@@ -1,0 +1,149 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from orthomod.config import OPTIMIZERS, TrainConfig
+from orthomod.files import load_checkpoint
+from orthomod.train import RunError, Trainer, lr_factor
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_folder_contents_and_metrics(tmp_path):
+    summary = Trainer(tiny_config(tmp_path, iterations=45), progress=False).run()
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "best.pt"}
+    assert json.loads((run / "config.json").read_text())["model"] == "plain8"
+    records = _metrics(run)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == list(range(5, 46, 5))
+    assert [r["step"] for r in evals] == [20, 40, 45]  # every epoch (1000 // 50 steps) and the end
+    for r in train:
+        assert set(r) >= {"step", "epoch", "loss", "train_acc", "lr", "images_per_s"} and r["images_per_s"] > 0
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved == summary
+    assert summary["status"] == "completed" and summary["step"] == 45 and not summary["diverged"]
+    assert summary["final_test_acc"] == evals[-1]["test_acc"]
+    assert summary["best_test_acc"] == max(r["test_acc"] for r in evals)
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 45
+
+
+def test_step_schedule_scales_with_budget():
+    config = TrainConfig(iterations=64000)
+    assert [lr_factor(config, s, 64000) for s in (0, 31999, 32000, 47999, 48000, 63999)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert [lr_factor(config, s, 400) for s in (199, 200, 300)] == pytest.approx([1, 0.1, 0.01])
+    cosine = TrainConfig(iterations=10, schedule="cosine")
+    assert lr_factor(cosine, 0, 10) == 1 and lr_factor(cosine, 5, 10) == pytest.approx(0.5)
+    warm = TrainConfig(iterations=100, warmup_steps=10)
+    assert lr_factor(warm, 0, 100) == pytest.approx(0.1) and lr_factor(warm, 10, 100) == 1
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_optimizer_trains(tmp_path, optimizer):
+    summary = Trainer(tiny_config(tmp_path, optimizer=optimizer, iterations=4, reg="ortho", init="orthonormal"),
+                      progress=False).run()
+    assert summary["status"] == "completed" and math.isfinite(summary["final_train_loss"])
+
+
+def test_ortho_reg_gives_no_weight_decay_and_l2_only_on_weights(tmp_path):
+    from orthomod.models import create
+    from orthomod.train import build_optimizer
+
+    model = create("plain8")
+    l2 = build_optimizer(TrainConfig(iterations=1, reg="l2", reg_coeff=5e-4), model)
+    assert [g["weight_decay"] for g in l2.param_groups] == [5e-4, 0.0]
+    assert all(p.dim() >= 2 for p in l2.param_groups[0]["params"])
+    ortho = build_optimizer(TrainConfig(iterations=1, reg="ortho"), model)
+    assert [g["weight_decay"] for g in ortho.param_groups] == [0.0, 0.0]
+
+
+def test_divergence_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path):
+    # the orthonormality gradient is cubic in the weights: a huge lambda and lr blow them up
+    config = tiny_config(tmp_path, lr=10.0, reg="ortho", reg_coeff=10.0, iterations=40, checkpoint_every=1)
+    summary = Trainer(config, progress=False).run()
+    assert summary["status"] == "diverged" and summary["diverged"]
+    k = summary["diverged_at_step"]
+    assert isinstance(k, int) and 1 <= k <= 40
+    assert len(summary["divergence"]["layers"]) == 23
+    assert f"diverged at step {k}: loss is" in summary["divergence"]["message"]
+    json.loads((tmp_path / "run" / "summary.json").read_text())  # strict JSON despite NaN statistics
+    if k > 1:
+        state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+        assert state["step"] == k - 1
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_existing_run_folder_needs_resume(tmp_path):
+    Trainer(tiny_config(tmp_path, iterations=2), progress=False).run()
+    with pytest.raises(RunError, match="already has a checkpoint; continue it with --resume"):
+        Trainer(tiny_config(tmp_path, iterations=2), progress=False)
+
+
+def test_modulation_runs_in_the_trainer(tmp_path):
+    config = tiny_config(tmp_path, init="orthonormal", reg="ortho", modulation=True, modulation_tau=1.0,
+                         modulation_until=3, iterations=6)
+    trainer = Trainer(config, progress=False)
+    trainer.run()
+    assert trainer.modulator.step_count == 6
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["modulator"] == {"step_count": 6}
+
+
+def _cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "orthomod", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def test_sigterm_then_resume_continues_without_gaps_or_duplicates(tmp_path):
+    common = ["--model", "plain8", "--dataset", "shapes", "--batch-size", "50", "--log-every", "5",
+              "--checkpoint-every", "10", "--out", str(tmp_path), "--no-progress"]
+    extra = ["--config", str(_write_shapes_config(tmp_path))]
+    proc = _cli("train", *common, *extra, "--iterations", "200", "--name", "killed")
+    run = tmp_path / "killed"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and any(r["step"] >= 25 for r in _metrics(run)):
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM received" in err and f"--resume {run}" in err
+    interrupted = json.loads((run / "summary.json").read_text())
+    assert interrupted["status"] == "interrupted" and 25 <= interrupted["step"] < 200
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == interrupted["step"]
+
+    resumed = _cli("train", "--resume", str(run), "--no-progress")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    records = _metrics(run)
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(5, 201, 5))
+    assert [r["step"] for r in records if r["kind"] == "eval"] == list(range(20, 201, 20))
+    final = json.loads((run / "summary.json").read_text())
+    assert final["status"] == "completed" and final["step"] == 200
+
+    # the same run without interruption ends with the same weights: nothing lost, nothing repeated
+    straight = _cli("train", *common, *extra, "--iterations", "200", "--name", "straight")
+    straight.communicate(timeout=300)
+    a = load_checkpoint(run / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["model"]
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-5, atol=1e-6), key
+
+
+def _write_shapes_config(tmp_path):
+    path = tmp_path / "shapes.toml"
+    path.write_text('shapes_train = 1000\nshapes_test = 200\ninit = "orthonormal"\nreg = "ortho"\n'
+                    'modulation = true\nmodulation_until = 50\n')
+    return path
