@@ -310,10 +310,12 @@ class Trainer:
                        dynamic_ncols=True)
         window = {"loss": 0.0, "correct": 0, "count": 0, "time": 0.0, "steps": 0}
         try:
+            # images/s counts everything a step costs, batch preparation included, and nothing
+            # of evaluation or checkpointing: the clock restarts after those.
+            tick = time.perf_counter()
             while self.step < self.total_steps:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
                 for x, y in self.train_loader.epoch(epoch, start, first_step=self.step):
-                    tick = time.perf_counter()
                     lr = cfg.learning_rate * lr_factor(cfg, self.step, self.total_steps)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
@@ -346,6 +348,7 @@ class Trainer:
                     if (epoch_end or self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps
                             or self._stop_signal is not None):
                         self._checkpoint()
+                    tick = time.perf_counter()
                     if self._stop_signal is not None:
                         return self._interrupted(bar)
                     if self.step == self.total_steps:

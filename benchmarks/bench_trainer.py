@@ -1,0 +1,97 @@
+"""Trainer throughput against a minimal hand-written loop over the same model and data.
+
+Both train plain-44 (by default) on CIFAR-10 with batch 128, bf16 autocast, channels_last,
+SGD momentum 0.9 + L2, horizontal flips and per-pixel normalization. The hand-written loop does
+only that: index a random permutation, flip, normalize, forward, backward, step. The trainer
+adds its lr schedule, divergence check, accuracy, metrics lines and progress bookkeeping.
+Rounds alternate between the two (the machine is noisy) and the median images/s are compared.
+The trainer's images/s are read from its own metrics.jsonl (evaluation and checkpoints excluded).
+
+    ORTHOMOD_DATA=DIR python benchmarks/bench_trainer.py --model plain44 --steps 60 --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from orthomod.config import TrainConfig
+from orthomod.data import load_dataset, normalization
+from orthomod.models import create
+from orthomod.train import Trainer
+
+
+def hand_written_loop(model_name: str, dataset, steps: int, batch_size: int, warmup: int) -> float:
+    torch.manual_seed(0)
+    model = create(model_name, init="msra").to(memory_format=torch.channels_last)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": 1e-4}, {"params": rest, "weight_decay": 0}],
+                          lr=0.1, momentum=0.9)
+    images, labels = dataset.train_images, dataset.train_labels
+    mean, std = normalization(images, "pixel")
+    order = torch.randperm(len(images))
+    start = None
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        x = images[idx]
+        flip = torch.rand(len(idx)) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        x = ((x.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x).float(), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def trainer_run(config: TrainConfig, warmup_windows: int) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(config.replace(out=out, name="bench"), progress=False)
+        trainer.run()
+        lines = [json.loads(l) for l in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = [l for l in lines if l["kind"] == "train"][warmup_windows:]
+    # images/s over the measured windows = total images / total time
+    return sum(config.log_every * config.batch_size for _ in windows) / sum(
+        config.log_every * config.batch_size / w["images_per_s"] for w in windows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="plain44")
+    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+
+    log_every, warmup = 10, 10
+    config = TrainConfig(model=args.model, dataset=args.dataset, iterations=args.steps + warmup,
+                         batch_size=args.batch_size, log_every=log_every, checkpoint_every=10**9,
+                         eval_batch_size=1000, init="msra", reg="l2")
+    dataset = load_dataset(args.dataset)
+    ours, hand = [], []
+    for _ in range(args.rounds):
+        ours.append(trainer_run(config, warmup_windows=warmup // log_every))
+        hand.append(hand_written_loop(args.model, dataset, args.steps, args.batch_size, warmup))
+    result = {
+        "model": args.model, "dataset": args.dataset, "batch_size": args.batch_size, "steps": args.steps,
+        "rounds": args.rounds, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "trainer_images_per_s": [round(v, 1) for v in ours], "hand_loop_images_per_s": [round(v, 1) for v in hand],
+        "ratio_trainer_over_hand": round(statistics.median(ours) / statistics.median(hand), 4),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
