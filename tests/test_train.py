@@ -107,6 +107,7 @@ def _cli(*args, **kw):
 
 def test_sigterm_then_resume_continues_without_gaps_or_duplicates(tmp_path):
     common = ["--model", "plain8", "--dataset", "shapes", "--batch-size", "50", "--log-every", "5",
+              "--diagnostics-every", "7",
               "--checkpoint-every", "10", "--out", str(tmp_path), "--no-progress"]
     extra = ["--config", str(_write_shapes_config(tmp_path))]
     proc = _cli("train", *common, *extra, "--iterations", "200", "--name", "killed")
@@ -130,6 +131,8 @@ def test_sigterm_then_resume_continues_without_gaps_or_duplicates(tmp_path):
     records = _metrics(run)
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(5, 201, 5))
     assert [r["step"] for r in records if r["kind"] == "eval"] == list(range(20, 201, 20))
+    probes = [json.loads(line) for line in (run / "diagnostics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in probes] == [0] + list(range(7, 201, 7))
     final = json.loads((run / "summary.json").read_text())
     assert final["status"] == "completed" and final["step"] == 200
 

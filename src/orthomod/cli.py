@@ -66,6 +66,7 @@ _TRAIN_FLAGS = {
     "--channels-last": ("channels_last", _bool, "channels_last memory format on/off"),
     "--log-every": ("log_every", int, "steps between metrics lines"),
     "--checkpoint-every": ("checkpoint_every", int, "steps between checkpoints"),
+    "--diagnostics-every": ("diagnostics_every", int, "steps between diagnostics lines (0: none)"),
     "--out": ("out", str, "parent folder of run folders (default: runs)"),
     "--name": ("name", str, "run folder name (default: derived from the settings and time)"),
 }

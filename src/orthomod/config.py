@@ -68,6 +68,7 @@ class TrainConfig:
     bf16: bool = True                    # bf16 autocast (CPU with AMX: ~1.8x faster)
     channels_last: bool = True
     log_every: int = 50                  # steps between metrics lines
+    diagnostics_every: int = 100         # steps between diagnostics lines (0: none)
     checkpoint_every: int = 500          # steps between checkpoints (and at every epoch end)
     eval_batch_size: int = 1000
     name: str | None = None              # run folder name under out (default: derived)
@@ -96,7 +97,8 @@ class TrainConfig:
             if value is not None and not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
         nonnegative = {"reg_coeff": self.reg_coeff, "momentum": self.momentum,
-                       "warmup_steps": self.warmup_steps, "modulation_until": self.modulation_until}
+                       "warmup_steps": self.warmup_steps, "modulation_until": self.modulation_until,
+                       "diagnostics_every": self.diagnostics_every}
         for key, value in nonnegative.items():
             if value is not None and value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}")

@@ -6,6 +6,9 @@ A run folder holds:
                    evaluation ({"kind": "eval", ...}); never duplicated across resumes
   summary.json     status (running/completed/interrupted/diverged), final and best accuracy,
                    wall time; rewritten atomically at every evaluation and at the end
+  diagnostics.jsonl  every ``diagnostics_every`` steps: per conv layer filter correlation,
+                   error second moments (before/after modulation) and modulation factors,
+                   orthogonality residual and gradient norm (see orthomod.diagnostics)
   checkpoint.pt    the latest checkpoint (atomic); best.pt: weights of the best evaluation
 
 Protocol (METHOD.md section 6): SGD momentum 0.9, batch 128, lr 0.1 divided by 10 at 32k and
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
+from . import diagnostics
 from .data import BatchLoader, Dataset, load_dataset, normalization
 from .files import load_checkpoint, save_checkpoint, save_json
 from .models import create
@@ -182,6 +186,8 @@ class Trainer:
         if cfg.modulation:
             self.modulator = ErrorModulator(self.model, tau=cfg.modulation_tau, until_step=cfg.modulation_until,
                                             rule=cfg.modulation_rule)
+        elif cfg.diagnostics_every:  # measures error moments on the recorded steps, never modulates
+            self.modulator = ErrorModulator(self.model, until_step=0)
         self.step = 0
         self.best_acc, self.best_step = -1.0, None
         self.last_eval: dict | None = None
@@ -196,7 +202,7 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise RunError(f"checkpoint {self.run_dir / 'checkpoint.pt'} does not match this run's model or "
                            f"optimizer ({str(exc).splitlines()[0]})") from None
-        if self.modulator is not None and state.get("modulator"):
+        if self.config.modulation and state.get("modulator"):
             self.modulator.load_state_dict(state["modulator"])
         self.step = state["step"]
         self.best_acc, self.best_step = state["best_acc"], state["best_step"]
@@ -207,7 +213,11 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines written after the checkpoint: they will be written again."""
-        path = self.run_dir / "metrics.jsonl"
+        for name in ("metrics.jsonl", "diagnostics.jsonl"):
+            self._truncate_jsonl(self.run_dir / name, step)
+
+    @staticmethod
+    def _truncate_jsonl(path: Path, step: int) -> None:
         if not path.exists():
             return
         kept = []
@@ -228,15 +238,15 @@ class Trainer:
     def _checkpoint(self) -> None:
         save_checkpoint(self.run_dir / "checkpoint.pt", {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "modulator": self.modulator.state_dict() if self.modulator else None,
+            "modulator": self.modulator.state_dict() if self.config.modulation else None,
             "step": self.step, "best_acc": self.best_acc, "best_step": self.best_step,
             "last_eval": self.last_eval, "last_train": self.last_train,
             "wall_time": self._wall_time(), "torch_rng": torch.get_rng_state(),
             "config": self.config.to_dict(),
         })
 
-    def _log(self, record: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+    def _log(self, record: dict, file: str = "metrics.jsonl") -> None:
+        with open(self.run_dir / file, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _summary(self, status: str, **extra) -> dict:
@@ -288,6 +298,10 @@ class Trainer:
         else:
             save_json(self.run_dir / "config.json", self.config.to_dict())
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (self.run_dir / "diagnostics.jsonl").unlink(missing_ok=True)
+            if self.config.diagnostics_every:
+                names = [name for name, _ in diagnostics.weighted_layers(self.model)]
+                self._log({"kind": "layers", "step": 0, "names": names}, "diagnostics.jsonl")
         self._say(f"run folder: {self.run_dir} (step {self.step} of {self.total_steps}, "
                   f"{self.steps_per_epoch} per epoch)", None)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -319,6 +333,9 @@ class Trainer:
                     lr = cfg.learning_rate * lr_factor(cfg, self.step, self.total_steps)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
+                    record = cfg.diagnostics_every and (self.step + 1) % cfg.diagnostics_every == 0
+                    if self.modulator is not None:
+                        self.modulator.monitor = bool(record)
                     with autocast(self.device, cfg.bf16):
                         out = model(x)
                     loss = F.cross_entropy(out.float(), y)
@@ -327,12 +344,15 @@ class Trainer:
                         return self._diverged(loss_value, bar)
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    probe = self._probe_backward() if record else None
                     if self.regularizer is not None:
                         self.regularizer.add_grad_()
                     self.optimizer.step()
                     if self.modulator is not None:
                         self.modulator.step()
                     self.step += 1
+                    if probe is not None:
+                        self._log(self._probe_weights(probe), "diagnostics.jsonl")
                     window["loss"] += loss_value * len(y)
                     window["correct"] += (out.argmax(1) == y).sum().item()
                     window["count"] += len(y)
@@ -357,6 +377,20 @@ class Trainer:
             if bar is not None:
                 bar.close()
         return self._summary("completed")
+
+    def _probe_backward(self) -> dict:
+        """What only exists between backward() and the update: error moments, loss gradients."""
+        m = self.modulator
+        return {"error_moments_before": m.moments_before, "error_moments_after": m.moments_after,
+                "modulation_scales": m.scales, "grad_norm": diagnostics.gradient_norms(self.model)}
+
+    def _probe_weights(self, probe: dict) -> dict:
+        correlation = diagnostics.filter_correlation(self.model)
+        ratios = diagnostics.moment_ratios(probe["error_moments_after"])
+        return {"kind": "diagnostics", "step": self.step, "filter_correlation_mean": correlation["mean"],
+                "moment_ratio_first_last": ratios["first_over_last"], **probe,
+                "filter_correlation": correlation["layers"],
+                "ortho_residual": diagnostics.orthogonality_residuals(self.model)}
 
     def _log_window(self, window: dict, lr: float, bar) -> None:
         record = {"kind": "train", "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),

@@ -1,0 +1,107 @@
+"""Signal-propagation measurements of the paper (METHOD.md section 5).
+
+- :func:`filter_correlation`: per layer, the mean over filter pairs ``i != j`` of
+  ``|cos(v_i, v_j)|`` (Fig. 2), and its mean over layers.
+- Error second moments per conv layer come from :class:`orthomod.modulation.ErrorModulator`
+  (``monitor=True`` measures without modulating); :func:`moment_ratios` turns them into the
+  first/last ratio of Fig. 3 and the per-layer ratios ``q^l / q^L`` of Fig. 4.
+- :func:`orthogonality_residuals` (``||V V^T - I||_F`` per layer, group-wise) and
+  :func:`gradient_norms`.
+- :func:`bn_jacobian`: the exact Jacobian of one BN component over a batch (autograd) and the
+  eigenvalues of ``J J^T`` against ``rho^2 = gamma^2 / (sigma_B^2 + eps)`` (the paper's
+  appendix: ``J J^T ~= rho^2 I`` apart from two near-zero eigenvalues).
+
+    >>> v = orthomod.init.orthonormal_(torch.empty(8, 16))
+    >>> filter_correlation_of(v) < 1e-6
+    True
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .regularizers import orthonormal_penalty
+
+__all__ = ["weighted_layers", "filter_correlation_of", "filter_correlation", "orthogonality_residuals",
+           "gradient_norms", "moment_ratios", "bn_jacobian"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def weighted_layers(model: nn.Module, include_linear: bool = False) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the conv layers (and linear layers if asked), in module order."""
+    kinds = _CONVS + ((nn.Linear,) if include_linear else ())
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+
+
+@torch.no_grad()
+def filter_correlation_of(weight: torch.Tensor) -> float:
+    """Mean over pairs ``i != j`` of ``|cos(v_i, v_j)|`` between the rows of ``weight``."""
+    v = weight.detach().reshape(weight.shape[0], -1).double()
+    n = v.shape[0]
+    if n < 2:
+        return 0.0
+    unit = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    cos = (unit @ unit.T).abs()
+    return float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1)))
+
+
+def filter_correlation(model: nn.Module) -> dict:
+    """Fig. 2: ``{"layers": [per conv layer], "mean": mean over layers}``."""
+    per_layer = [filter_correlation_of(m.weight) for _, m in weighted_layers(model)]
+    return {"layers": per_layer, "mean": sum(per_layer) / len(per_layer) if per_layer else math.nan}
+
+
+@torch.no_grad()
+def orthogonality_residuals(model: nn.Module) -> list[float]:
+    """``||V V^T - I||_F`` per conv layer (group-wise: the root of the summed squares)."""
+    return [float(orthonormal_penalty(m.weight.detach().double()).sqrt()) for _, m in weighted_layers(model)]
+
+
+@torch.no_grad()
+def gradient_norms(model: nn.Module) -> list[float | None]:
+    """Frobenius norm of each conv layer's weight gradient (None where there is none)."""
+    return [None if m.weight.grad is None else float(m.weight.grad.float().norm()) for _, m in weighted_layers(model)]
+
+
+def moment_ratios(moments: list[float]) -> dict:
+    """Fig. 3 and Fig. 4 from per-layer error moments (forward order, top conv last).
+
+    ``first_over_last`` is ``q^1 / q^L`` (below 1: errors vanish on their way down);
+    ``per_layer`` is ``q^l / q^L`` for every layer.
+    """
+    if not moments:
+        return {"first_over_last": math.nan, "per_layer": []}
+    top = moments[-1]
+    per_layer = [q / top if top else math.nan for q in moments]
+    return {"first_over_last": per_layer[0], "per_layer": per_layer}
+
+
+def bn_jacobian(x: torch.Tensor, gamma: float = 1.0, beta: float = 0.0, eps: float = 1e-5) -> dict:
+    """Exact Jacobian of one BN component over a batch ``x`` of ``m`` scalars, training mode.
+
+    Returns ``jacobian`` (m x m), ``eigenvalues`` of ``J J^T`` (ascending), ``rho2`` =
+    ``gamma^2 / (sigma_B^2 + eps)`` with the biased batch variance BN uses, and
+    ``relative_deviation``: the largest ``|lambda / rho^2 - 1|`` over all but the two smallest
+    eigenvalues.
+
+    >>> out = bn_jacobian(torch.randn(64, dtype=torch.float64), gamma=1.5)
+    >>> out["relative_deviation"] < 1e-3
+    True
+    """
+    x = x.detach().reshape(-1)
+    if x.numel() < 3:
+        raise ValueError(f"bn_jacobian needs a batch of at least 3 values, got {x.numel()}")
+    weight = torch.tensor([gamma], dtype=x.dtype)
+    bias = torch.tensor([beta], dtype=x.dtype)
+
+    def bn(values: torch.Tensor) -> torch.Tensor:
+        return nn.functional.batch_norm(values[:, None], None, None, weight, bias, training=True, eps=eps)[:, 0]
+
+    jacobian = torch.autograd.functional.jacobian(bn, x)
+    eigenvalues = torch.linalg.eigvalsh(jacobian @ jacobian.T)
+    rho2 = gamma**2 / (float(x.var(unbiased=False)) + eps)
+    deviation = float((eigenvalues[2:] / rho2 - 1).abs().max())
+    return {"jacobian": jacobian, "eigenvalues": eigenvalues, "rho2": rho2, "relative_deviation": deviation}
