@@ -5,6 +5,8 @@
     orthomod train --resume runs/NAME            # continue where the last checkpoint left off
     orthomod eval runs/NAME                      # re-evaluate a run's checkpoint
     orthomod presets                             # list the presets
+    orthomod report runs/A runs/B --out report   # figures and a comparison table
+    orthomod analyze bn-jacobian --out figs      # the BN Jacobian's eigenvalues against rho^2
 
 Invalid input gives a one-line error and exit code 2.
 """
@@ -95,6 +97,19 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
 
     sub.add_parser("presets", help="list the preset configs")
+
+    report = sub.add_parser("report", help="figures and a comparison table from run folders")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", required=True, help="folder for report.md, report.html and the PNG figures")
+
+    analyze = sub.add_parser("analyze", help="stand-alone analyses")
+    what = analyze.add_subparsers(dest="analysis", required=True, parser_class=_Parser)
+    bn = what.add_parser("bn-jacobian", help="eigenvalues of J J^T of one BN component against rho^2")
+    bn.add_argument("--batch", type=int, default=64, help="batch size m (>= 3)")
+    bn.add_argument("--gamma", type=float, default=1.0)
+    bn.add_argument("--eps", type=float, default=1e-5)
+    bn.add_argument("--seed", type=int, default=0)
+    bn.add_argument("--out", help="folder for bn_jacobian.png (default: print only)")
     return parser
 
 
@@ -167,16 +182,60 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    out = write_report(args.run_dirs, args.out)
+    print(f"wrote {out / 'report.md'}, {out / 'report.html'} and {len(list(out.glob('*.png')))} figures")
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    import torch
+
+    from .diagnostics import bn_jacobian
+
+    if args.batch < 3:
+        raise ConfigError(f"--batch must be at least 3, got {args.batch}")
+    generator = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch, dtype=torch.float64, generator=generator)
+    result = bn_jacobian(x, gamma=args.gamma, eps=args.eps)
+    eig = result["eigenvalues"]
+    print(f"BN Jacobian over a batch of {args.batch} (gamma={args.gamma:g}, eps={args.eps:g}, seed {args.seed})")
+    print(f"rho^2 = gamma^2 / (sigma_B^2 + eps) = {result['rho2']:.6g}")
+    print(f"two smallest eigenvalues of J J^T: {eig[0]:.3g}, {eig[1]:.3g}")
+    print(f"the other {args.batch - 2}: {eig[2]:.6g} .. {eig[-1]:.6g}; "
+          f"largest |lambda / rho^2 - 1| = {result['relative_deviation']:.3g}")
+    if args.out:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(range(1, args.batch + 1), eig.numpy(), "o", ms=3, label="eigenvalues of J J^T")
+        ax.axhline(result["rho2"], color="C1", label="rho^2")
+        ax.set(xlabel="index (ascending)", ylabel="eigenvalue", title="BN Jacobian: quasi-isometry")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "bn_jacobian.png", dpi=110)
+        print(f"wrote {out / 'bn_jacobian.png'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .files import CheckpointError
+    from .report import ReportError
     from .train import RunError
 
     args = _parser().parse_args(argv)
-    handlers = {"train": _train, "eval": _eval, "presets": _presets}
+    handlers = {"train": _train, "eval": _eval, "presets": _presets, "report": _report, "analyze": _analyze}
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, CheckpointError, RunError) as exc:
+    except (ConfigError, DataError, CheckpointError, RunError, ReportError) as exc:
         print(f"orthomod: error: {exc}", file=sys.stderr)
         return 2
 

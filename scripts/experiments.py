@@ -1,0 +1,112 @@
+"""The reduced-budget CIFAR-10 experiments of docs/RESULTS.md: run them, resumably, and collect them.
+
+    ORTHOMOD_DATA=DIR python scripts/experiments.py run [--only SUBSTRING]   # sequential; resumes
+    python scripts/experiments.py list
+    python scripts/experiments.py collect        # copy the small files of each run to docs/results/runs
+
+Each experiment is one `orthomod train` command; a run that is already complete is skipped and
+an interrupted one is resumed with `--resume`, so the queue can be stopped and restarted at any
+time (across sessions too). Checkpoints stay in runs/paper/ (not committed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "runs" / "paper"
+COLLECTED = ROOT / "docs" / "results" / "runs"
+
+BASE = ["--dataset", "cifar10", "--no-progress", "--log-every", "50", "--diagnostics-every", "100"]
+L2 = ["--init", "msra", "--reg", "l2"]
+ORTHO = ["--init", "orthonormal", "--reg", "ortho"]
+
+
+def mod(tau: float, until: int | str, rule: str = "consecutive") -> list[str]:
+    return ["--modulation", "on", "--modulation-tau", str(tau), "--modulation-until", str(until),
+            "--modulation-rule", rule]
+
+
+# name -> flags; the order is the order of the queue (cheapest decisive runs first)
+EXPERIMENTS: dict[str, list[str]] = {
+    # 1. Figs. 2-3 (and the plain-44 rows of 2): 10 epochs = 3,900 iterations, 6% of the paper's 64k
+    "e1-plain44-l2-s0": ["--model", "plain44", "--epochs", "10", "--seed", "0", *L2],
+    "e1-plain44-ortho-s0": ["--model", "plain44", "--epochs", "10", "--seed", "0", *ORTHO],
+    # 2 and 4. plain-110 at 4 epochs (1,560 iterations)
+    "e2-plain110-ortho-s0": ["--model", "plain110", "--epochs", "4", "--seed", "0", *ORTHO],
+    "e2-plain110-ortho-mod-s0": ["--model", "plain110", "--epochs", "4", "--seed", "0", *ORTHO, *mod(2.0, 400)],
+    "e2-plain110-l2-s0": ["--model", "plain110", "--epochs", "4", "--seed", "0", *L2],
+    "e4-plain110-ortho-mod-always-s0": ["--model", "plain110", "--epochs", "4", "--seed", "0", *ORTHO, *mod(1.0, "always")],
+    "e4-plain110-ortho-modtop-s0": ["--model", "plain110", "--epochs", "4", "--seed", "0", *ORTHO, *mod(2.0, 400, "top")],
+    # 5. second seeds of the rows that decide a claim
+    "e1-plain44-l2-s1": ["--model", "plain44", "--epochs", "10", "--seed", "1", *L2],
+    "e1-plain44-ortho-s1": ["--model", "plain44", "--epochs", "10", "--seed", "1", *ORTHO],
+    "e2-plain110-ortho-s1": ["--model", "plain110", "--epochs", "4", "--seed", "1", *ORTHO],
+    "e2-plain110-ortho-mod-s1": ["--model", "plain110", "--epochs", "4", "--seed", "1", *ORTHO, *mod(2.0, 400)],
+    # 2. depth and the residual counterpart
+    "e2-plain20-l2-s0": ["--model", "plain20", "--epochs", "10", "--seed", "0", *L2],
+    "e2-plain20-ortho-s0": ["--model", "plain20", "--epochs", "10", "--seed", "0", *ORTHO],
+    "e2-resnet44-l2-s0": ["--model", "resnet44", "--epochs", "10", "--seed", "0", *L2],
+    "e2-resnet110-l2-s0": ["--model", "resnet110", "--epochs", "4", "--seed", "0", *L2],
+}
+
+
+def _status(name: str) -> str | None:
+    summary = RUNS / name / "summary.json"
+    return json.loads(summary.read_text())["status"] if summary.exists() else None
+
+
+def run(only: str | None) -> None:
+    for name, flags in EXPERIMENTS.items():
+        if only and only not in name:
+            continue
+        status = _status(name)
+        if status in ("completed", "diverged"):
+            print(f"{name}: {status}, skipped", flush=True)
+            continue
+        if (RUNS / name / "checkpoint.pt").exists():
+            cmd = ["orthomod", "train", "--resume", str(RUNS / name), "--no-progress"]
+        else:
+            shutil.rmtree(RUNS / name, ignore_errors=True)
+            cmd = ["orthomod", "train", *flags, *BASE, "--out", str(RUNS), "--name", name]
+        print("$", " ".join(cmd), flush=True)
+        code = subprocess.call(cmd)
+        if code != 0:
+            print(f"{name}: exit code {code}; stopping the queue", flush=True)
+            sys.exit(code)
+
+
+def collect() -> None:
+    for name in EXPERIMENTS:
+        source = RUNS / name
+        if not (source / "summary.json").exists():
+            continue
+        target = COLLECTED / name
+        target.mkdir(parents=True, exist_ok=True)
+        for file in ("config.json", "summary.json", "metrics.jsonl", "diagnostics.jsonl"):
+            if (source / file).exists():
+                shutil.copy2(source / file, target / file)
+        (target / "command.txt").write_text("orthomod train " + " ".join(EXPERIMENTS[name] + BASE) + "\n")
+        print(f"collected {name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("run", "list", "collect"))
+    parser.add_argument("--only")
+    args = parser.parse_args()
+    if args.action == "run":
+        run(args.only)
+    elif args.action == "collect":
+        collect()
+    else:
+        for name, flags in EXPERIMENTS.items():
+            print(f"{name:<34} {_status(name) or '-':<12} orthomod train {' '.join(flags)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+import json
+import signal
+
+import pytest
+
+from conftest import tiny_config
+from orthomod.cli import main
+from orthomod.report import ReportError, write_report
+from orthomod.train import Trainer
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    Trainer(tiny_config(root, name="ortho", iterations=40, diagnostics_every=5, init="orthonormal", reg="ortho",
+                        modulation=True, modulation_until=10), progress=False).run()
+    Trainer(tiny_config(root, name="l2", iterations=40, diagnostics_every=5), progress=False).run()
+    interrupted = Trainer(tiny_config(root, name="stopped", iterations=40, diagnostics_every=0), progress=False)
+    interrupted._stop_signal = signal.SIGTERM  # as if SIGTERM arrived during the first step
+    interrupted.run()
+    Trainer(tiny_config(root, name="diverged", lr=10.0, reg="ortho", reg_coeff=10.0, iterations=40,
+                        diagnostics_every=1), progress=False).run()
+    return root
+
+
+def test_report_writes_every_file_with_real_numbers(runs, tmp_path, capsys):
+    names = ["ortho", "l2", "stopped", "diverged"]
+    out = tmp_path / "report"
+    assert main(["report", *[str(runs / n) for n in names], "--out", str(out)]) == 0
+    files = {p.name for p in out.iterdir()}
+    assert {"report.md", "report.html", "curves.png", "filter_correlation.png", "moment_ratio.png",
+            "layer_ratios_ortho.png", "layer_ratios_l2.png", "layer_ratios_diverged.png",
+            "first_layer_ortho.png", "first_layer_l2.png", "first_layer_stopped.png"} <= files
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    for name in names:
+        summary = json.loads((runs / name / "summary.json").read_text())
+        row = rows[name]
+        if summary["final_test_acc"] is not None:
+            assert f"{100 * summary['final_test_acc']:.2f}%" in row
+            assert f"{100 * summary['best_test_acc']:.2f}%" in row
+        assert f"{summary['step']}/40" in row
+        assert name in html
+    assert "| completed |" in rows["ortho"] and "consecutive tau=1 until=10" in rows["ortho"]
+    assert "| interrupted |" in rows["stopped"] and "| 1/40 |" in rows["stopped"]
+    k = json.loads((runs / "diverged" / "summary.json").read_text())["diverged_at_step"]
+    assert f"diverged at step {k}" in rows["diverged"]
+    assert "(not drawn: no diagnostics recorded)" in md  # the stopped run recorded none
+    assert md.count("![") == html.count("<img")
+
+
+def test_report_rejects_non_run_folder(tmp_path, capsys):
+    with pytest.raises(ReportError, match="is not a run folder"):
+        write_report([tmp_path], tmp_path / "out")
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_analyze_bn_jacobian_prints_and_plots(tmp_path, capsys):
+    assert main(["analyze", "bn-jacobian", "--batch", "32", "--gamma", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "two smallest eigenvalues" in out and "the other 30:" in out
+    assert (tmp_path / "bn_jacobian.png").stat().st_size > 2000
+    assert main(["analyze", "bn-jacobian", "--batch", "2"]) == 2
