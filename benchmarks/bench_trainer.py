@@ -8,6 +8,11 @@ Rounds alternate between the two (the machine is noisy) and the median images/s 
 The trainer's images/s are read from its own metrics.jsonl (evaluation and checkpoints excluded).
 
     ORTHOMOD_DATA=DIR python benchmarks/bench_trainer.py --model plain44 --steps 60 --rounds 3
+
+With ``--against probes`` it instead compares the trainer recording diagnostics every 100 steps
+(the default) with the trainer recording none, over windows that contain the probed steps:
+
+    ORTHOMOD_DATA=DIR python benchmarks/bench_trainer.py --against probes --steps 400 --rounds 2
 """
 from __future__ import annotations
 
@@ -65,6 +70,24 @@ def trainer_run(config: TrainConfig, warmup_windows: int) -> float:
         config.log_every * config.batch_size / w["images_per_s"] for w in windows)
 
 
+def compare_probes(args) -> None:
+    log_every, warmup = 100, 100
+    base = TrainConfig(model=args.model, dataset=args.dataset, iterations=args.steps + warmup,
+                       batch_size=args.batch_size, log_every=log_every, checkpoint_every=10**9, init="orthonormal",
+                       reg="ortho")
+    with_probes, without = [], []
+    for _ in range(args.rounds):
+        with_probes.append(trainer_run(base.replace(diagnostics_every=100), warmup_windows=warmup // log_every))
+        without.append(trainer_run(base.replace(diagnostics_every=0), warmup_windows=warmup // log_every))
+    print(json.dumps({
+        "model": args.model, "dataset": args.dataset, "batch_size": args.batch_size, "steps": args.steps,
+        "rounds": args.rounds, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "with_probes_every_100_images_per_s": [round(v, 1) for v in with_probes],
+        "without_probes_images_per_s": [round(v, 1) for v in without],
+        "probe_cost_fraction": round(1 - statistics.median(with_probes) / statistics.median(without), 4),
+    }, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="plain44")
@@ -72,7 +95,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--against", choices=("hand", "probes"), default="hand")
     args = parser.parse_args()
+    if args.against == "probes":
+        return compare_probes(args)
 
     log_every, warmup = 10, 10
     config = TrainConfig(model=args.model, dataset=args.dataset, iterations=args.steps + warmup,

@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "paper"
 COLLECTED = ROOT / "docs" / "results" / "runs"
 
-BASE = ["--dataset", "cifar10", "--no-progress", "--log-every", "50", "--diagnostics-every", "100"]
+BASE = ["--no-progress", "--log-every", "50", "--diagnostics-every", "100"]
+C10 = ["--dataset", "cifar10"]
+SHAPES = ["--dataset", "shapes", "--epochs", "6"]  # the built-in set, as the demo preset trains it
 L2 = ["--init", "msra", "--reg", "l2"]
 ORTHO = ["--init", "orthonormal", "--reg", "ortho"]
 
@@ -34,24 +36,29 @@ def mod(tau: float, until: int | str, rule: str = "consecutive") -> list[str]:
 # name -> flags; the order is the order of the queue (cheapest decisive runs first)
 EXPERIMENTS: dict[str, list[str]] = {
     # 1. Figs. 2-3 (and the plain-44 rows of 2): 10 epochs = 3,900 iterations, 6% of the paper's 64k
-    "e1-plain44-l2-s0": ["--model", "plain44", "--epochs", "10", "--seed", "0", *L2],
-    "e1-plain44-ortho-s0": ["--model", "plain44", "--epochs", "10", "--seed", "0", *ORTHO],
+    "e1-plain44-l2-s0": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "0", *L2],
+    "e1-plain44-ortho-s0": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "0", *ORTHO],
+    # the built-in shapes set: do depth and method matter there too?
+    "s-plain8-l2-s0": ["--model", "plain8", "--seed", "0", *SHAPES, *L2],
+    "s-plain56-l2-s0": ["--model", "plain56", "--seed", "0", *SHAPES, *L2],
+    "s-plain56-ortho-s0": ["--model", "plain56", "--seed", "0", *SHAPES, *ORTHO],
+    "s-plain56-ortho-mod-s0": ["--model", "plain56", "--seed", "0", *SHAPES, *ORTHO, *mod(2.0, 150)],
     # 2 and 4. plain-110 at 4 epochs (1,560 iterations)
-    "e2-plain110-ortho-s0": ["--model", "plain110", "--epochs", "4", "--seed", "0", *ORTHO],
-    "e2-plain110-ortho-mod-s0": ["--model", "plain110", "--epochs", "4", "--seed", "0", *ORTHO, *mod(2.0, 400)],
-    "e2-plain110-l2-s0": ["--model", "plain110", "--epochs", "4", "--seed", "0", *L2],
-    "e4-plain110-ortho-mod-always-s0": ["--model", "plain110", "--epochs", "4", "--seed", "0", *ORTHO, *mod(1.0, "always")],
-    "e4-plain110-ortho-modtop-s0": ["--model", "plain110", "--epochs", "4", "--seed", "0", *ORTHO, *mod(2.0, 400, "top")],
+    "e2-plain110-ortho-s0": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "0", *ORTHO],
+    "e2-plain110-ortho-mod-s0": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "0", *ORTHO, *mod(2.0, 400)],
+    "e2-plain110-l2-s0": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "0", *L2],
+    "e4-plain110-ortho-mod-always-s0": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "0", *ORTHO, *mod(1.0, "always")],
+    "e4-plain110-ortho-modtop-s0": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "0", *ORTHO, *mod(2.0, 400, "top")],
     # 5. second seeds of the rows that decide a claim
-    "e1-plain44-l2-s1": ["--model", "plain44", "--epochs", "10", "--seed", "1", *L2],
-    "e1-plain44-ortho-s1": ["--model", "plain44", "--epochs", "10", "--seed", "1", *ORTHO],
-    "e2-plain110-ortho-s1": ["--model", "plain110", "--epochs", "4", "--seed", "1", *ORTHO],
-    "e2-plain110-ortho-mod-s1": ["--model", "plain110", "--epochs", "4", "--seed", "1", *ORTHO, *mod(2.0, 400)],
+    "e1-plain44-l2-s1": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "1", *L2],
+    "e1-plain44-ortho-s1": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "1", *ORTHO],
+    "e2-plain110-ortho-s1": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "1", *ORTHO],
+    "e2-plain110-ortho-mod-s1": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "1", *ORTHO, *mod(2.0, 400)],
     # 2. depth and the residual counterpart
-    "e2-plain20-l2-s0": ["--model", "plain20", "--epochs", "10", "--seed", "0", *L2],
-    "e2-plain20-ortho-s0": ["--model", "plain20", "--epochs", "10", "--seed", "0", *ORTHO],
-    "e2-resnet44-l2-s0": ["--model", "resnet44", "--epochs", "10", "--seed", "0", *L2],
-    "e2-resnet110-l2-s0": ["--model", "resnet110", "--epochs", "4", "--seed", "0", *L2],
+    "e2-plain20-l2-s0": [*C10, "--model", "plain20", "--epochs", "10", "--seed", "0", *L2],
+    "e2-plain20-ortho-s0": [*C10, "--model", "plain20", "--epochs", "10", "--seed", "0", *ORTHO],
+    "e2-resnet44-l2-s0": [*C10, "--model", "resnet44", "--epochs", "10", "--seed", "0", *L2],
+    "e2-resnet110-l2-s0": [*C10, "--model", "resnet110", "--epochs", "4", "--seed", "0", *L2],
 }
 
 
