@@ -6,7 +6,9 @@
 
 Each experiment is one `orthomod train` command; a run that is already complete is skipped and
 an interrupted one is resumed with `--resume`, so the queue can be stopped and restarted at any
-time (across sessions too). Checkpoints stay in runs/paper/ (not committed).
+time (across sessions too). Checkpoints stay in runs/paper/ (not committed). The runs use the
+orthomod of the Python that runs this script: run it from a separate (non-editable) install to
+keep a long queue independent of edits to the working tree.
 """
 from __future__ import annotations
 
@@ -76,10 +78,10 @@ def run(only: str | None) -> None:
             print(f"{name}: {status}, skipped", flush=True)
             continue
         if (RUNS / name / "checkpoint.pt").exists():
-            cmd = ["orthomod", "train", "--resume", str(RUNS / name), "--no-progress"]
+            cmd = [sys.executable, "-m", "orthomod", "train", "--resume", str(RUNS / name), "--no-progress"]
         else:
             shutil.rmtree(RUNS / name, ignore_errors=True)
-            cmd = ["orthomod", "train", *flags, *BASE, "--out", str(RUNS), "--name", name]
+            cmd = [sys.executable, "-m", "orthomod", "train", *flags, *BASE, "--out", str(RUNS), "--name", name]
         print("$", " ".join(cmd), flush=True)
         code = subprocess.call(cmd)
         if code != 0:

@@ -150,3 +150,12 @@ def _write_shapes_config(tmp_path):
     path.write_text('shapes_train = 1000\nshapes_test = 200\ninit = "orthonormal"\nreg = "ortho"\n'
                     'modulation = true\nmodulation_until = 50\n')
     return path
+
+
+def test_shapes_dataset_fixed_across_run_seeds():
+    from orthomod.train import dataset_for
+
+    a = dataset_for(TrainConfig(iterations=1, shapes_train=100, shapes_test=20, seed=0))
+    b = dataset_for(TrainConfig(iterations=1, shapes_train=100, shapes_test=20, seed=7))
+    c = dataset_for(TrainConfig(iterations=1, shapes_train=100, shapes_test=20, shapes_seed=1))
+    assert torch.equal(a.train_images, b.train_images) and not torch.equal(a.train_images, c.train_images)

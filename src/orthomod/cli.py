@@ -147,10 +147,9 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import load_dataset
     from .files import load_checkpoint
     from .models import create
-    from .train import evaluate, make_loaders, resolve_device
+    from .train import dataset_for, evaluate, make_loaders, resolve_device
 
     run_dir = Path(args.run_dir)
     config_path = run_dir / "config.json"
@@ -162,7 +161,7 @@ def _eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     path = run_dir / ("checkpoint.pt" if args.checkpoint == "last" else "best.pt")
     state = load_checkpoint(path, map_location=device)
-    dataset = load_dataset(config.dataset, config.data, config.shapes_train, config.shapes_test, seed=config.seed)
+    dataset = dataset_for(config)
     _, test = make_loaders(config, dataset, device)
     model = create(config.model, num_classes=len(dataset.classes), init=None).to(device)
     if config.channels_last:

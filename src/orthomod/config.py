@@ -39,6 +39,7 @@ class TrainConfig:
     data: str | None = None              # CIFAR-10 folder; default $ORTHOMOD_DATA, then the cache
     shapes_train: int = 10000            # images in the built-in dataset's train split
     shapes_test: int = 2000              # ... and its test split
+    shapes_seed: int = 0                 # the built-in dataset's own seed (fixed across run seeds)
     augment: str = "flip"                # flip (the paper), flip-crop (He et al.), none
     normalize: str = "pixel"             # pixel (the paper) or channel
     # budget: exactly one of epochs / iterations; the lr milestones scale with it

@@ -146,19 +146,20 @@ def _first_layer(run: Run, out: Path, image_cache: dict) -> tuple[str | None, st
     import torch
 
     from .config import TrainConfig
-    from .data import DataError, load_dataset, normalization
+    from .data import DataError, normalization
     from .files import CheckpointError, load_checkpoint
     from .models import create
+    from .train import dataset_for
 
     try:
         state = load_checkpoint(checkpoint)
     except CheckpointError as exc:
         return None, str(exc)
     config = TrainConfig.from_dict(run.config)
-    key = (config.dataset, config.data, config.shapes_train, config.shapes_test, config.seed, config.normalize)
+    key = (config.dataset, config.data, config.shapes_train, config.shapes_test, config.shapes_seed, config.normalize)
     if key not in image_cache:
         try:
-            data = load_dataset(config.dataset, config.data, config.shapes_train, config.shapes_test, seed=config.seed)
+            data = dataset_for(config)
         except DataError as exc:
             image_cache[key] = (None, str(exc))
         else:

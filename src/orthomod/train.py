@@ -133,6 +133,11 @@ def layer_statistics(model: nn.Module) -> list[dict]:
     return stats
 
 
+def dataset_for(config: TrainConfig) -> Dataset:
+    """The dataset a config trains on (the shapes set depends on ``shapes_seed``, not ``seed``)."""
+    return load_dataset(config.dataset, config.data, config.shapes_train, config.shapes_test, seed=config.shapes_seed)
+
+
 def make_loaders(config: TrainConfig, dataset: Dataset, device: torch.device) -> tuple[BatchLoader, BatchLoader]:
     mean, std = normalization(dataset.train_images, config.normalize)
     common = dict(mean=mean, std=std, device=device, channels_last=config.channels_last)
@@ -173,7 +178,7 @@ class Trainer:
     def _build(self) -> None:
         cfg = self.config
         torch.manual_seed(cfg.seed)
-        dataset = load_dataset(cfg.dataset, cfg.data, cfg.shapes_train, cfg.shapes_test, seed=cfg.seed)
+        dataset = dataset_for(cfg)
         self.classes = dataset.classes
         self.train_loader, self.test_loader = make_loaders(cfg, dataset, self.device)
         self.steps_per_epoch = len(self.train_loader)
