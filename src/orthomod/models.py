@@ -61,19 +61,23 @@ class _Head(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+def _cifar_body(per_stage: int, make_layer: Callable[[int, int, int], nn.Module]) -> list[nn.Module]:
+    """The stem conv and three stages of ``per_stage`` layers (stride 2 entering stages 2, 3)."""
+    layers = [ConvBNReLU(3, _WIDTHS[0])]
+    in_channels = _WIDTHS[0]
+    for stage, width in enumerate(_WIDTHS):
+        for i in range(per_stage):
+            layers.append(make_layer(in_channels, width, 2 if stage > 0 and i == 0 else 1))
+            in_channels = width
+    return layers
+
+
 class PlainNet(nn.Sequential):
     """``depth - 1`` Conv-BN-ReLU triples and a linear classifier, no shortcuts."""
 
     def __init__(self, depth: int, num_classes: int = 10):
         n = _stage_layers(depth)
-        layers = [ConvBNReLU(3, _WIDTHS[0])]
-        in_channels = _WIDTHS[0]
-        for stage, width in enumerate(_WIDTHS):
-            for i in range(2 * n):
-                stride = 2 if stage > 0 and i == 0 else 1
-                layers.append(ConvBNReLU(in_channels, width, stride))
-                in_channels = width
-        super().__init__(*layers, _Head(in_channels, num_classes))
+        super().__init__(*_cifar_body(2 * n, ConvBNReLU), _Head(_WIDTHS[-1], num_classes))
         self.depth = depth
 
 
@@ -101,14 +105,7 @@ class ResNet(nn.Sequential):
 
     def __init__(self, depth: int, num_classes: int = 10):
         n = _stage_layers(depth)
-        layers = [ConvBNReLU(3, _WIDTHS[0])]
-        in_channels = _WIDTHS[0]
-        for stage, width in enumerate(_WIDTHS):
-            for i in range(n):
-                stride = 2 if stage > 0 and i == 0 else 1
-                layers.append(BasicBlock(in_channels, width, stride))
-                in_channels = width
-        super().__init__(*layers, _Head(in_channels, num_classes))
+        super().__init__(*_cifar_body(n, BasicBlock), _Head(_WIDTHS[-1], num_classes))
         self.depth = depth
 
 
