@@ -3,6 +3,8 @@
     ORTHOMOD_DATA=DIR python scripts/experiments.py run [--only SUBSTRING]   # sequential; resumes
     python scripts/experiments.py list
     python scripts/experiments.py collect        # copy the small files of each run to docs/results/runs
+    python scripts/experiments.py tables         # markdown tables of the collected runs (for RESULTS.md)
+    python scripts/experiments.py figures        # orthomod report over each experiment's runs
 
 Each experiment is one `orthomod train` command; a run that is already complete is skipped and
 an interrupted one is resumed with `--resume`, so the queue can be stopped and restarted at any
@@ -103,15 +105,65 @@ def collect() -> None:
         print(f"collected {name}")
 
 
+def _collected() -> dict[str, dict]:
+    runs = {}
+    for name in EXPERIMENTS:
+        folder = COLLECTED / name
+        if (folder / "summary.json").exists():
+            runs[name] = {"summary": json.loads((folder / "summary.json").read_text()),
+                          "metrics": [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()],
+                          "command": (folder / "command.txt").read_text().strip()}
+    return runs
+
+
+def _cell(value, percent=False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}" if percent else f"{value:.3f}"
+
+
+def tables() -> None:
+    """One markdown row per collected run: the numbers as measured, with command, seed, budget, time, date."""
+    print("| run | status | steps | final test acc (%) | best test acc (%) | final train loss | wall time (min) | date |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, run in _collected().items():
+        s = run["summary"]
+        status = s["status"] if s["status"] != "diverged" else f"diverged at step {s['diverged_at_step']}"
+        print(f"| {name} | {status} | {s['step']}/{s['total_steps']} | {_cell(s['final_test_acc'], True)} | "
+              f"{_cell(s['best_test_acc'], True)} | {_cell(s['final_train_loss'])} | {s['wall_time_s'] / 60:.1f} | "
+              f"{s['updated'][:10]} |")
+    print()
+    for name, run in _collected().items():
+        print(f"- `{name}`: `{run['command']}`")
+
+
+def figures() -> None:
+    """``orthomod report`` over the runs of each experiment group, into docs/results/<group>/."""
+    groups = {
+        "e1-plain44": [n for n in EXPERIMENTS if n.startswith("e1-") and n.endswith("-s0")],
+        "e2-plain110": [n for n in EXPERIMENTS if n.startswith(("e2-plain110", "e4-")) and n.endswith("-s0")],
+        "shapes": [n for n in EXPERIMENTS if n.startswith("s-")],
+    }
+    for group, names in groups.items():
+        folders = [str(RUNS / n) for n in names if (RUNS / n / "summary.json").exists()]
+        if folders:
+            subprocess.check_call([sys.executable, "-m", "orthomod", "report", *folders,
+                                   "--out", str(ROOT / "docs" / "results" / group)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("run", "list", "collect"))
+    parser.add_argument("action", choices=("run", "list", "collect", "tables", "figures"))
     parser.add_argument("--only")
     args = parser.parse_args()
     if args.action == "run":
         run(args.only)
     elif args.action == "collect":
         collect()
+    elif args.action == "tables":
+        tables()
+    elif args.action == "figures":
+        figures()
     else:
         for name, flags in EXPERIMENTS.items():
             print(f"{name:<34} {_status(name) or '-':<12} orthomod train {' '.join(flags)}")
