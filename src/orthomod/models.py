@@ -1,4 +1,8 @@
-"""CIFAR plain and residual networks (METHOD.md section 1), created by name from one registry.
+"""Plain and residual networks (METHOD.md section 1), created by name from one registry.
+
+Names: ``plain<d>`` and ``resnet<d>`` for the CIFAR nets (any ``d = 6n+2``), and
+``imagenet-plain<d>`` and ``imagenet-resnet<d>`` (``d`` in 34, 50, 101) for the ImageNet
+layouts of :mod:`orthomod.imagenet_models`.
 
 Plain-``d`` (``d = 6n+2``): a 3x3 conv with 16 filters, then three stages of ``2n`` 3x3 convs
 with 16, 32 and 64 filters on 32x32, 16x16 and 8x8 maps (stride 2 at the first conv of stages 2
@@ -21,7 +25,7 @@ from torch import nn
 
 from .init import init_model_
 
-__all__ = ["create", "parse_model_name", "list_models", "plain_cifar", "resnet_cifar", "cifar_depths", "PAPER_DEPTHS"]
+__all__ = ["create", "parse_model_name", "list_models", "is_imagenet_model", "plain_cifar", "resnet_cifar", "cifar_depths", "PAPER_DEPTHS"]
 
 PAPER_DEPTHS = (20, 32, 44, 56, 110)
 _WIDTHS = (16, 32, 64)
@@ -117,34 +121,59 @@ def resnet_cifar(depth: int, num_classes: int = 10) -> ResNet:
     return ResNet(depth, num_classes)
 
 
+def _imagenet(residual: bool) -> Callable[..., nn.Module]:
+    from .imagenet_models import ImageNetNet
+
+    return lambda depth, num_classes=1000: ImageNetNet(depth, residual, num_classes)
+
+
 # Families are data: a name is family + depth, checked by the family's builder.
-_FAMILIES: dict[str, Callable[..., nn.Module]] = {"plain": plain_cifar, "resnet": resnet_cifar}
+_FAMILIES: dict[str, Callable[..., nn.Module]] = {
+    "plain": plain_cifar, "resnet": resnet_cifar,
+    "imagenet-plain": _imagenet(residual=False), "imagenet-resnet": _imagenet(residual=True),
+}
+_CHECK_DEPTH = {"plain": _stage_layers, "resnet": _stage_layers}
+
+
+def _check_imagenet_depth(depth: int) -> None:
+    from .imagenet_models import IMAGENET_DEPTHS
+
+    if depth not in IMAGENET_DEPTHS:
+        raise ValueError(f"depth {depth} is not available for the ImageNet nets; choose 34, 50 or 101")
 
 
 def list_models() -> list[str]:
-    """The named models (the paper's depths); any depth ``6n+2`` also works with :func:`create`."""
-    return [f"{family}{depth}" for family in _FAMILIES for depth in PAPER_DEPTHS]
+    """The named models: the paper's CIFAR depths (any ``6n+2`` also works) and the ImageNet nets."""
+    cifar = [f"{family}{depth}" for family in ("plain", "resnet") for depth in PAPER_DEPTHS]
+    return cifar + [f"imagenet-{family}{depth}" for family in ("plain", "resnet") for depth in (34, 50, 101)]
+
+
+def is_imagenet_model(name: str) -> bool:
+    return parse_model_name(name)[0].startswith("imagenet-")
 
 
 def parse_model_name(name: str) -> tuple[str, int]:
     """``"plain44"`` -> ``("plain", 44)``; a ValueError names the problem for anything invalid."""
-    match = re.fullmatch(r"([a-z]+)(\d+)", name.strip().lower()) if isinstance(name, str) else None
+    match = re.fullmatch(r"((?:imagenet-)?[a-z]+)(\d+)", name.strip().lower()) if isinstance(name, str) else None
     if match is None or match.group(1) not in _FAMILIES:
         raise ValueError(
-            f"unknown model {name!r}; use plain<depth> or resnet<depth> with depth 6n+2, "
-            f"e.g. {', '.join(list_models())}"
+            f"unknown model {name!r}; use plain<depth> or resnet<depth> with depth 6n+2 (CIFAR), or "
+            f"imagenet-plain<depth> or imagenet-resnet<depth> with depth 34, 50 or 101"
         )
-    depth = int(match.group(2))
-    _stage_layers(depth)
-    return match.group(1), depth
+    family, depth = match.group(1), int(match.group(2))
+    _CHECK_DEPTH.get(family, _check_imagenet_depth)(depth)
+    return family, depth
 
 
-def create(name: str, num_classes: int = 10, init: str | None = "msra") -> nn.Module:
-    """Build a model by name (``plain44``, ``resnet110``, ...) and initialize it with ``init``.
+def create(name: str, num_classes: int | None = None, init: str | None = "msra") -> nn.Module:
+    """Build a model by name (``plain44``, ``imagenet-resnet50``, ...) and initialize it.
 
-    ``init`` is a scheme of :func:`orthomod.init.init_model_` or None for PyTorch's defaults.
+    ``num_classes`` defaults to 10 for the CIFAR nets and 1000 for the ImageNet nets; ``init``
+    is a scheme of :func:`orthomod.init.init_model_` or None for PyTorch's defaults.
     """
     family, depth = parse_model_name(name)
+    if num_classes is None:
+        num_classes = 1000 if family.startswith("imagenet-") else 10
     model = _FAMILIES[family](depth, num_classes=num_classes)
     if init is not None:
         init_model_(model, init)
