@@ -44,7 +44,7 @@ def _optional_int(text: str) -> int | None:
 # flag -> (config key, type, help)
 _TRAIN_FLAGS = {
     "--model": ("model", str, "plain<d> or resnet<d>, d = 6n+2 (e.g. plain44, resnet110)"),
-    "--dataset": ("dataset", str, "shapes (built in, no download) or cifar10"),
+    "--dataset": ("dataset", str, "shapes (built in, no download), cifar10, or folder (--data ROOT)"),
     "--data": ("data", str, "folder holding cifar-10-batches-py (default: $ORTHOMOD_DATA, then the cache)"),
     "--epochs": ("epochs", float, "budget in epochs (the lr milestones scale with it)"),
     "--iterations": ("iterations", int, "budget in iterations"),
@@ -60,6 +60,11 @@ _TRAIN_FLAGS = {
     "--modulation-tau": ("modulation_tau", float, "modulate when consecutive moments differ by more than tau"),
     "--modulation-until": ("modulation_until", _optional_int, "modulate during the first N iterations ('always')"),
     "--modulation-rule": ("modulation_rule", str, "consecutive (paper) or top"),
+    "--val-split": ("val_split", str, "folder datasets: evaluation subfolder (default val)"),
+    "--image-size": ("image_size", int, "folder datasets: crop size (default 224)"),
+    "--resize": ("resize", int, "folder datasets: shorter side before cropping (default 256)"),
+    "--workers": ("workers", int, "folder datasets: DataLoader worker processes"),
+    "--on-bad-image": ("on_bad_image", str, "folder datasets: skip (and count) or error"),
     "--augment": ("augment", str, "flip (paper), flip-crop or none"),
     "--normalize": ("normalize", str, "pixel (paper) or channel"),
     "--seed": ("seed", int, "seed for init, data order and augmentation"),
@@ -149,7 +154,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .files import load_checkpoint
     from .models import create
-    from .train import dataset_for, evaluate, make_loaders, resolve_device
+    from .train import evaluate, make_loaders, resolve_device
 
     run_dir = Path(args.run_dir)
     config_path = run_dir / "config.json"
@@ -161,9 +166,8 @@ def _eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     path = run_dir / ("checkpoint.pt" if args.checkpoint == "last" else "best.pt")
     state = load_checkpoint(path, map_location=device)
-    dataset = dataset_for(config)
-    _, test = make_loaders(config, dataset, device)
-    model = create(config.model, num_classes=len(dataset.classes), init=None).to(device)
+    _, test, classes = make_loaders(config, device)
+    model = create(config.model, num_classes=len(classes), init=None).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.load_state_dict(state["model"])

@@ -35,11 +35,16 @@ class ConfigError(ValueError):
 class TrainConfig:
     # model and data
     model: str = "plain20"               # plain<6n+2> or resnet<6n+2>
-    dataset: str = "shapes"              # shapes (built in) or cifar10
-    data: str | None = None              # CIFAR-10 folder; default $ORTHOMOD_DATA, then the cache
+    dataset: str = "shapes"              # shapes (built in), cifar10, or folder (<data>/{train,val}/<class>/)
+    data: str | None = None              # CIFAR-10 folder (default $ORTHOMOD_DATA, then the cache) or folder root
     shapes_train: int = 10000            # images in the built-in dataset's train split
     shapes_test: int = 2000              # ... and its test split
     shapes_seed: int = 0                 # the built-in dataset's own seed (fixed across run seeds)
+    val_split: str = "val"               # folder datasets: the evaluation subfolder
+    image_size: int = 224                # folder datasets: crop size
+    resize: int = 256                    # folder datasets: shorter side before cropping
+    workers: int = 4                     # folder datasets: DataLoader worker processes
+    on_bad_image: str = "skip"           # folder datasets: skip (and count) or error
     augment: str = "flip"                # flip (the paper), flip-crop (He et al.), none
     normalize: str = "pixel"             # pixel (the paper) or channel
     # budget: exactly one of epochs / iterations; the lr milestones scale with it
@@ -80,7 +85,7 @@ class TrainConfig:
         choices = {
             "dataset": DATASETS, "augment": ("flip", "flip-crop", "none"), "normalize": ("pixel", "channel"),
             "optimizer": OPTIMIZERS, "schedule": ("step", "cosine", "constant"), "init": INIT_SCHEMES,
-            "reg": ("l2", "ortho", "none"), "modulation_rule": MODULATION_RULES,
+            "reg": ("l2", "ortho", "none"), "modulation_rule": MODULATION_RULES, "on_bad_image": ("skip", "error"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -93,13 +98,14 @@ class TrainConfig:
             raise ConfigError("give exactly one of epochs or iterations (--epochs N or --iterations N)")
         positive = {"batch_size": self.batch_size, "log_every": self.log_every, "eval_batch_size": self.eval_batch_size,
                     "checkpoint_every": self.checkpoint_every, "epochs": self.epochs, "iterations": self.iterations,
-                    "shapes_train": self.shapes_train, "shapes_test": self.shapes_test}
+                    "shapes_train": self.shapes_train, "shapes_test": self.shapes_test,
+                    "image_size": self.image_size, "resize": self.resize}
         for key, value in positive.items():
             if value is not None and not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
         nonnegative = {"reg_coeff": self.reg_coeff, "momentum": self.momentum,
                        "warmup_steps": self.warmup_steps, "modulation_until": self.modulation_until,
-                       "diagnostics_every": self.diagnostics_every}
+                       "diagnostics_every": self.diagnostics_every, "workers": self.workers}
         for key, value in nonnegative.items():
             if value is not None and value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}")

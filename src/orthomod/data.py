@@ -29,7 +29,7 @@ import torch
 
 __all__ = ["Dataset", "load_dataset", "load_cifar10", "make_shapes", "BatchLoader", "DataError", "DATASETS"]
 
-DATASETS = ("shapes", "cifar10")
+DATASETS = ("shapes", "cifar10", "folder")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # published on the CIFAR-10 page
 CIFAR10_FOLDER = "cifar-10-batches-py"

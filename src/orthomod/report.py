@@ -146,52 +146,61 @@ def _first_layer(run: Run, out: Path, image_cache: dict) -> tuple[str | None, st
     import torch
 
     from .config import TrainConfig
-    from .data import DataError, normalization
+    from .data import DataError
     from .files import CheckpointError, load_checkpoint
     from .models import create
-    from .train import dataset_for
+    from .train import make_loaders
 
     try:
         state = load_checkpoint(checkpoint)
     except CheckpointError as exc:
         return None, str(exc)
-    config = TrainConfig.from_dict(run.config)
-    key = (config.dataset, config.data, config.shapes_train, config.shapes_test, config.shapes_seed, config.normalize)
+    config = TrainConfig.from_dict(run.config).replace(eval_batch_size=1, workers=0, channels_last=False)
+    key = json.dumps({k: v for k, v in config.to_dict().items()
+                      if k in ("dataset", "data", "shapes_train", "shapes_test", "shapes_seed", "normalize",
+                               "val_split", "image_size", "resize")}, sort_keys=True)
     if key not in image_cache:
         try:
-            data = dataset_for(config)
+            _, test, classes = make_loaders(config, torch.device("cpu"))
+            image_cache[key] = ((next(iter(test.epoch()))[0], len(classes)), "")
         except DataError as exc:
             image_cache[key] = (None, str(exc))
-        else:
-            mean, std = normalization(data.train_images, config.normalize)
-            image_cache[key] = ((data.test_images[:1], mean, std), "")
     image, reason = image_cache[key]
-    model = create(config.model, init=None)
-    model.load_state_dict(state["model"])
+    model = create(config.model, num_classes=image[1] if image else None, init=None)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        return None, f"checkpoint does not match the model ({str(exc).splitlines()[0]})"
     model.eval()
     plt = _pyplot()
     first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     filters = first_conv.weight.detach()
-    n = filters.shape[0]
-    columns = min(n, 16)
+    columns = min(filters.shape[0], 16)
     rows = 2 if image is None else 3
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 0.8, rows * 0.9 + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i in range(columns):
-        f = filters[i]
-        f = (f - f.min()) / (f.max() - f.min() + 1e-12)
-        axes[0, i].imshow(f.permute(1, 2, 0).numpy(), interpolation="nearest")
+        axes[0, i].imshow(_unit(filters[i]).permute(1, 2, 0).numpy(), interpolation="nearest")
     if image is not None:
-        raw, mean, std = image
+        x = image[0]
+        captured = []
+        first_relu = next(m for m in model.modules() if isinstance(m, torch.nn.ReLU))
+        handle = first_relu.register_forward_hook(lambda m, i, o: captured.append(o.detach().clone()))
         with torch.no_grad():
-            maps = model[0]((raw.float() - mean) / std)[0]  # the first Conv-BN-ReLU triple
-        axes[1, 0].imshow(raw[0].permute(1, 2, 0).numpy())
+            model(x)  # the first Conv-BN-ReLU triple's output is what the figure shows
+        handle.remove()
+        axes[1, 0].imshow(_unit(x[0]).permute(1, 2, 0).numpy())
         for i in range(columns):
-            axes[2, i].imshow(maps[i].numpy(), cmap="gray")
+            axes[2, i].imshow(captured[0][0, i].numpy(), cmap="gray")
     fig.suptitle(f"First layer: filters (top){'' if image is None else ', test image and feature maps'}: {run.label}",
                  fontsize=8)
     return _save(fig, out / f"first_layer_{run.label}.png"), reason
+
+
+def _unit(t):
+    """Rescale a tensor to [0, 1] for display."""
+    return (t - t.min()) / (t.max() - t.min() + 1e-12)
 
 
 def _save(fig, path: Path) -> str:

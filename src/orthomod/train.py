@@ -33,7 +33,7 @@ from torch import nn
 
 from .config import TrainConfig
 from . import diagnostics
-from .data import BatchLoader, Dataset, load_dataset, normalization
+from .data import BatchLoader, DataError, Dataset, load_dataset, normalization
 from .files import load_checkpoint, save_checkpoint, save_json
 from .models import create
 from .modulation import ErrorModulator
@@ -138,13 +138,30 @@ def dataset_for(config: TrainConfig) -> Dataset:
     return load_dataset(config.dataset, config.data, config.shapes_train, config.shapes_test, seed=config.shapes_seed)
 
 
-def make_loaders(config: TrainConfig, dataset: Dataset, device: torch.device) -> tuple[BatchLoader, BatchLoader]:
+def make_loaders(config: TrainConfig, device: torch.device, rank: int = 0,
+                 world_size: int = 1) -> tuple[BatchLoader, BatchLoader, tuple[str, ...]]:
+    """Train and test loaders of a config, and the class names."""
+    if config.dataset == "folder":
+        from .folder_data import FolderLoader, ImageFolder
+
+        if not config.data:
+            raise DataError("dataset = folder needs --data ROOT holding train/<class>/ and "
+                            f"{config.val_split}/<class>/ image folders")
+        common = dict(image_size=config.image_size, resize=config.resize, on_bad_image=config.on_bad_image,
+                      seed=config.seed)
+        train_set = ImageFolder(config.data, "train", train=True, **common)
+        test_set = ImageFolder(config.data, config.val_split, train=False, classes=train_set.classes, **common)
+        loader = dict(workers=config.workers, seed=config.seed, device=device, channels_last=config.channels_last,
+                      rank=rank, world_size=world_size)
+        return (FolderLoader(train_set, config.batch_size, train=True, **loader),
+                FolderLoader(test_set, config.eval_batch_size, train=False, **loader), tuple(train_set.classes))
+    dataset = dataset_for(config)
     mean, std = normalization(dataset.train_images, config.normalize)
     common = dict(mean=mean, std=std, device=device, channels_last=config.channels_last)
     train = BatchLoader(dataset.train_images, dataset.train_labels, config.batch_size, train=True,
                         augment=config.augment, seed=config.seed, **common)
     test = BatchLoader(dataset.test_images, dataset.test_labels, config.eval_batch_size, **common)
-    return train, test
+    return train, test, dataset.classes
 
 
 def default_run_name(config: TrainConfig) -> str:
@@ -178,12 +195,10 @@ class Trainer:
     def _build(self) -> None:
         cfg = self.config
         torch.manual_seed(cfg.seed)
-        dataset = dataset_for(cfg)
-        self.classes = dataset.classes
-        self.train_loader, self.test_loader = make_loaders(cfg, dataset, self.device)
+        self.train_loader, self.test_loader, self.classes = make_loaders(cfg, self.device)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.iterations or max(1, round(cfg.epochs * self.steps_per_epoch))
-        model = create(cfg.model, num_classes=len(dataset.classes), init=cfg.init).to(self.device)
+        model = create(cfg.model, num_classes=len(self.classes), init=cfg.init).to(self.device)
         self.model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
         self.optimizer = build_optimizer(cfg, self.model)
         self.regularizer = OrthonormalRegularizer(self.model, cfg.reg_coeff) if cfg.reg == "ortho" else None
@@ -271,6 +286,7 @@ class Trainer:
                                                       "modulation_tau", "modulation_until", "modulation_rule",
                                                       "optimizer", "batch_size", "seed")} | {"lr": cfg.learning_rate},
             "device": str(self.device), "torch": torch.__version__, "machine": platform.machine(),
+            "skipped_images": getattr(self.train_loader, "skipped", 0) + getattr(self.test_loader, "skipped", 0),
             "updated": datetime.datetime.now().isoformat(timespec="seconds"),
             **extra,
         }

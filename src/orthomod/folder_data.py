@@ -1,0 +1,168 @@
+"""Image-folder datasets (``<root>/{train,val}/<class>/<image>``) read with Pillow.
+
+The paper's ImageNet protocol: images resized (shorter side) to 256, random 224 crops and
+horizontal flips, colour and lighting augmentation, then the mean RGB value subtracted and the
+result scaled by 0.017; evaluation on the centre 224 crop. Images are decoded by DataLoader
+worker processes. Augmentation draws from ``(seed, epoch, index)``, so an image gets the same
+crop whatever worker decodes it, and a resumed epoch is the same as an uninterrupted one.
+
+An unreadable image is either skipped and counted (``on_bad_image="skip"``; the count is in
+``FolderLoader.skipped``) or stops the run with its path (``"error"``).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .data import DataError
+
+__all__ = ["ImageFolder", "FolderLoader", "IMAGE_EXTENSIONS", "MEAN_RGB", "SCALE"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+MEAN_RGB = (123.68, 116.78, 103.94)  # ImageNet mean pixel (0-255), as in the ResNet/Caffe protocol
+SCALE = 0.017                        # ~1/58.8, the paper's scaling after mean subtraction
+# PCA of ImageNet RGB pixels (Krizhevsky et al. 2012 "lighting" noise; the values published
+# with fb.resnet.torch): eigenvalues and eigenvectors (columns) of the RGB covariance, 0-1 scale.
+_PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
+_PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+
+
+def _mix(*values) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(values).encode(), digest_size=8).digest(), "little") >> 1
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """One split of an image folder; items are ``(image, label)`` or None for an unreadable file."""
+
+    def __init__(self, root: str | os.PathLike, split: str, train: bool, image_size: int = 224, resize: int = 256,
+                 on_bad_image: str = "skip", seed: int = 0, classes: list[str] | None = None):
+        folder = Path(root) / split
+        if not folder.is_dir():
+            raise DataError(f"image folder {folder} does not exist; expected <root>/{split}/<class>/<image>")
+        found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        self.classes = classes if classes is not None else found
+        if not self.classes:
+            raise DataError(f"image folder {folder} has no class subfolders; expected <root>/{split}/<class>/<image>")
+        index = {name: i for i, name in enumerate(self.classes)}
+        unknown = sorted(set(found) - set(index))
+        if unknown:
+            raise DataError(f"{folder} has classes that the train split lacks: {', '.join(unknown[:5])}")
+        self.samples = [(str(path), index[c]) for c in found
+                        for path in sorted((folder / c).iterdir()) if path.suffix.lower() in IMAGE_EXTENSIONS]
+        if not self.samples:
+            raise DataError(f"image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        if on_bad_image not in ("skip", "error"):
+            raise DataError(f"on_bad_image must be skip or error, got {on_bad_image!r}")
+        self.train, self.image_size, self.resize = train, image_size, resize
+        self.on_bad_image, self.seed, self.epoch = on_bad_image, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as f:
+                image = f.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            if self.on_bad_image == "error":
+                raise DataError(f"unreadable image {path} ({type(exc).__name__}); remove it or use "
+                                "on_bad_image = \"skip\"") from None
+            return None
+        rng = np.random.default_rng(_mix(self.seed, self.epoch, i)) if self.train else None
+        return self.transform(image, rng), label
+
+    def transform(self, image: Image.Image, rng: np.random.Generator | None) -> torch.Tensor:
+        """Resize, crop (random or centre), flip, colour and lighting; then (x - mean) * 0.017."""
+        w, h = image.size
+        ratio = self.resize / min(w, h)
+        image = image.resize((max(self.image_size, round(w * ratio)), max(self.image_size, round(h * ratio))),
+                             Image.BILINEAR)
+        w, h = image.size
+        s = self.image_size
+        if rng is None:
+            left, top = (w - s) // 2, (h - s) // 2
+        else:
+            left, top = int(rng.integers(0, w - s + 1)), int(rng.integers(0, h - s + 1))
+        x = np.asarray(image.crop((left, top, left + s, top + s)), dtype=np.float32) / 255.0  # H, W, 3
+        if rng is not None:
+            if rng.random() < 0.5:
+                x = x[:, ::-1]
+            x = self._colour(x, rng)
+        x = (x * 255.0 - np.array(MEAN_RGB, dtype=np.float32)) * SCALE
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+    @staticmethod
+    def _colour(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        # brightness, contrast and saturation jitter of +-0.4 in random order, then PCA lighting
+        grey = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        for op in rng.permutation(3):
+            alpha = 1.0 + rng.uniform(-0.4, 0.4)
+            if op == 0:
+                x = x * alpha
+            elif op == 1:
+                x = (x - grey.mean()) * alpha + grey.mean()
+            else:
+                x = (x - grey[..., None]) * alpha + grey[..., None]
+            grey = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        shift = _PCA_EIGVEC @ (rng.normal(0, 0.1, 3) * _PCA_EIGVAL)
+        return np.clip(x + shift.astype(np.float32), 0.0, 1.0)
+
+
+def _collate(items):
+    kept = [item for item in items if item is not None]
+    skipped = len(items) - len(kept)
+    if not kept:
+        return None, None, skipped
+    return torch.stack([x for x, _ in kept]), torch.tensor([y for _, y in kept]), skipped
+
+
+class FolderLoader:
+    """Batches of an :class:`ImageFolder`, with the interface of :class:`orthomod.data.BatchLoader`.
+
+    ``rank`` and ``world_size`` give each process of a distributed run its share of every
+    epoch's permutation (the same permutation on every rank, strided).
+    """
+
+    def __init__(self, dataset: ImageFolder, batch_size: int, train: bool, workers: int = 4, seed: int = 0,
+                 device="cpu", channels_last=True, rank: int = 0, world_size: int = 1):
+        self.dataset, self.batch_size, self.train = dataset, batch_size, train
+        self.workers, self.seed, self.device = workers, seed, torch.device(device)
+        self.channels_last, self.rank, self.world_size = channels_last, rank, world_size
+        self.skipped = 0
+        per_rank = len(dataset) // world_size if train else math.ceil(len(dataset) / world_size)
+        if train and per_rank < batch_size:
+            raise DataError(f"batch size {batch_size} is larger than the training images per process ({per_rank})")
+
+    def __len__(self) -> int:
+        n = len(self.dataset) // self.world_size if self.train else len(self._indices(0))
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def _indices(self, epoch: int) -> list[int]:
+        n = len(self.dataset)
+        if self.train:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, "order", epoch)))
+            usable = (n // self.world_size) * self.world_size
+            return order[:usable][self.rank :: self.world_size].tolist()
+        return list(range(self.rank, n, self.world_size))
+
+    def epoch(self, epoch: int = 0, start_batch: int = 0, first_step: int = 0):
+        indices = self._indices(epoch)[start_batch * self.batch_size : len(self) * self.batch_size]
+        self.dataset.epoch = epoch
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices,
+                                             num_workers=self.workers, collate_fn=_collate,
+                                             persistent_workers=False, pin_memory=self.device.type == "cuda")
+        for x, y, skipped in loader:
+            self.skipped += skipped
+            if x is None:
+                continue
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
