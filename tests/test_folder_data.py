@@ -75,9 +75,11 @@ def test_loader_resume_and_rank_shards(tmp_path):
     assert len(full) == 6 and len(tail) == 4
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[2:], tail))
     assert full[0][0].is_contiguous(memory_format=torch.channels_last)
-    shards = [FolderLoader(train, batch_size=2, train=True, workers=0, seed=1, rank=r, world_size=2)._indices(4)
+    whole = FolderLoader(train, batch_size=4, train=True, workers=0, seed=1)._batches(4)
+    shards = [FolderLoader(train, batch_size=4, train=True, workers=0, seed=1, rank=r, world_size=2)._batches(4)
               for r in (0, 1)]
-    assert not set(shards[0]) & set(shards[1]) and len(shards[0]) == len(shards[1]) == 6
+    for batch, first, second in zip(whole, *shards):  # each global batch split between the ranks
+        assert first == batch[0::2] and second == batch[1::2]
 
 
 def test_folder_errors(tmp_path):

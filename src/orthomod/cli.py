@@ -4,6 +4,7 @@
     orthomod train --model plain44 --init orthonormal --reg ortho --epochs 10 --dataset cifar10
     orthomod train --resume runs/NAME            # continue where the last checkpoint left off
     orthomod eval runs/NAME                      # re-evaluate a run's checkpoint
+    torchrun --nproc_per_node 2 -m orthomod train ...   # DistributedDataParallel (gloo/NCCL)
     orthomod presets                             # list the presets
     orthomod report runs/A runs/B --out report   # figures and a comparison table
     orthomod analyze bn-jacobian --out figs      # the BN Jacobian's eigenvalues against rho^2
@@ -71,6 +72,7 @@ _TRAIN_FLAGS = {
     "--device": ("device", str, "auto, cpu, cuda, cuda:N"),
     "--bf16": ("bf16", _bool, "bf16 autocast on/off"),
     "--channels-last": ("channels_last", _bool, "channels_last memory format on/off"),
+    "--sync-bn": ("sync_bn", _bool, "distributed runs: BN statistics over the global batch on/off"),
     "--log-every": ("log_every", int, "steps between metrics lines"),
     "--checkpoint-every": ("checkpoint_every", int, "steps between checkpoints"),
     "--diagnostics-every": ("diagnostics_every", int, "steps between diagnostics lines (0: none)"),
@@ -119,6 +121,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .distributed import setup
+
+    world = setup(getattr(args, "device", "auto"))  # a world of one unless started by torchrun
+    try:
+        return _train_in(args, world)
+    finally:
+        if world.distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train_in(args: argparse.Namespace, world) -> int:
     from .train import Trainer
 
     overrides = {key: getattr(args, key) for _, (key, _, _) in _TRAIN_FLAGS.items() if hasattr(args, key)}
@@ -132,7 +147,7 @@ def _train(args: argparse.Namespace) -> int:
         if not config_path.is_file():
             raise ConfigError(f"{run_dir} is not a run folder (no config.json); give the folder a run was written to")
         config = TrainConfig.from_dict(json.loads(config_path.read_text()), source=str(config_path))
-        trainer = Trainer(config, run_dir=run_dir, resume=True, progress=not args.no_progress)
+        trainer = Trainer(config, run_dir=run_dir, resume=True, progress=not args.no_progress, world=world)
     else:
         values = load_config_file(args.config) if args.config else {}
         config = TrainConfig.from_dict({**values, **overrides})
@@ -140,10 +155,11 @@ def _train(args: argparse.Namespace) -> int:
             config.iterations = None  # a budget flag replaces the config's budget
         if "iterations" in overrides and "epochs" not in overrides:
             config.epochs = None
-        trainer = Trainer(config, progress=not args.no_progress)
+        trainer = Trainer(config, progress=not args.no_progress, world=world)
     summary = trainer.run()
     keys = ("status", "step", "final_test_acc", "best_test_acc", "final_train_loss", "wall_time_s")
-    print(json.dumps({"run": str(trainer.run_dir)} | {k: summary[k] for k in keys}))
+    if world.is_main:
+        print(json.dumps({"run": str(trainer.run_dir)} | {k: summary[k] for k in keys}))
     if summary["status"] == "interrupted":  # the shell's convention for a signal: 128 + its number
         return 128 + signal.Signals[summary["signal"]].value
     return 0

@@ -73,6 +73,7 @@ class TrainConfig:
     device: str = "auto"                 # auto, cpu, cuda, cuda:1, ...
     bf16: bool = True                    # bf16 autocast (CPU with AMX: ~1.8x faster)
     channels_last: bool = True
+    sync_bn: bool = False                # distributed runs: BN statistics over the global batch
     log_every: int = 50                  # steps between metrics lines
     diagnostics_every: int = 100         # steps between diagnostics lines (0: none)
     checkpoint_every: int = 500          # steps between checkpoints (and at every epoch end)

@@ -243,10 +243,11 @@ class BatchLoader:
         mean, std: normalization statistics, shape ``(3, H, W)`` (per pixel) or ``(3, 1, 1)``.
         train: shuffle each epoch, augment, and drop the last partial batch.
         augment: ``"flip"``, ``"flip-crop"`` (pad 4 and crop) or ``"none"``.
+        rank, world_size: this process's share of every (global) batch in a distributed run.
     """
 
     def __init__(self, images, labels, batch_size, mean, std, train=False, augment="flip", seed=0,
-                 device="cpu", channels_last=True):
+                 device="cpu", channels_last=True, rank=0, world_size=1):
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
@@ -257,6 +258,9 @@ class BatchLoader:
         self.augment = augment if train else "none"
         self.seed = seed
         self.channels_last = channels_last
+        # In a distributed run every process walks the same global batches and keeps its share
+        # (every world_size-th image), augmented exactly as one process would augment it.
+        self.rank, self.world_size = rank, world_size
         if batch_size > len(images) and train:
             raise DataError(f"batch size {batch_size} is larger than the training set ({len(images)} images)")
 
@@ -280,7 +284,8 @@ class BatchLoader:
             x = self.images[idx]
             if self.augment != "none":
                 x = self._augment(x, first_step + b - start_batch)
-            yield self._normalize(x), self.labels[idx]
+            share = slice(self.rank, None, self.world_size)
+            yield self._normalize(x[share]), self.labels[idx][share]
 
     def _augment(self, x: torch.Tensor, step: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(_mix(self.seed, "augment", step))

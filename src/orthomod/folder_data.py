@@ -126,8 +126,9 @@ def _collate(items):
 class FolderLoader:
     """Batches of an :class:`ImageFolder`, with the interface of :class:`orthomod.data.BatchLoader`.
 
-    ``rank`` and ``world_size`` give each process of a distributed run its share of every
-    epoch's permutation (the same permutation on every rank, strided).
+    ``batch_size`` is the global batch; with ``world_size`` processes, process ``rank`` decodes
+    every ``world_size``-th image of each global batch (so the processes together see exactly
+    the batches one process would).
     """
 
     def __init__(self, dataset: ImageFolder, batch_size: int, train: bool, workers: int = 4, seed: int = 0,
@@ -136,28 +137,27 @@ class FolderLoader:
         self.workers, self.seed, self.device = workers, seed, torch.device(device)
         self.channels_last, self.rank, self.world_size = channels_last, rank, world_size
         self.skipped = 0
-        per_rank = len(dataset) // world_size if train else math.ceil(len(dataset) / world_size)
-        if train and per_rank < batch_size:
-            raise DataError(f"batch size {batch_size} is larger than the training images per process ({per_rank})")
+        if train and len(dataset) < batch_size:
+            raise DataError(f"batch size {batch_size} is larger than the training set ({len(dataset)} images)")
 
     def __len__(self) -> int:
-        n = len(self.dataset) // self.world_size if self.train else len(self._indices(0))
+        n = len(self.dataset)
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
-    def _indices(self, epoch: int) -> list[int]:
+    def _batches(self, epoch: int) -> list[list[int]]:
         n = len(self.dataset)
         if self.train:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, "order", epoch)))
-            usable = (n // self.world_size) * self.world_size
-            return order[:usable][self.rank :: self.world_size].tolist()
-        return list(range(self.rank, n, self.world_size))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, "order", epoch))).tolist()
+        else:
+            order = list(range(n))
+        b = self.batch_size
+        return [order[i * b : (i + 1) * b][self.rank :: self.world_size] for i in range(len(self))]
 
     def epoch(self, epoch: int = 0, start_batch: int = 0, first_step: int = 0):
-        indices = self._indices(epoch)[start_batch * self.batch_size : len(self) * self.batch_size]
         self.dataset.epoch = epoch
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices,
-                                             num_workers=self.workers, collate_fn=_collate,
-                                             persistent_workers=False, pin_memory=self.device.type == "cuda")
+        batches = [batch for batch in self._batches(epoch)[start_batch:] if batch]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
+                                             collate_fn=_collate, pin_memory=self.device.type == "cuda")
         for x, y, skipped in loader:
             self.skipped += skipped
             if x is None:

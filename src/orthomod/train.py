@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import math
 import platform
@@ -34,6 +35,7 @@ from torch import nn
 from .config import TrainConfig
 from . import diagnostics
 from .data import BatchLoader, DataError, Dataset, load_dataset, normalization
+from .distributed import World, convert_sync_batchnorm
 from .files import load_checkpoint, save_checkpoint, save_json
 from .models import create
 from .modulation import ErrorModulator
@@ -105,8 +107,9 @@ def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, bf16: bool) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` over ``loader``."""
+def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, bf16: bool,
+             world: World | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` over ``loader`` (summed over the processes)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
@@ -117,6 +120,8 @@ def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, bf16: 
         correct += (out.argmax(1) == y).sum().item()
         count += len(y)
     model.train(was_training)
+    if world is not None:
+        loss_sum, correct, count = world.all_reduce_sum([loss_sum, correct, count])
     return loss_sum / count, correct / count
 
 
@@ -157,7 +162,8 @@ def make_loaders(config: TrainConfig, device: torch.device, rank: int = 0,
                 FolderLoader(test_set, config.eval_batch_size, train=False, **loader), tuple(train_set.classes))
     dataset = dataset_for(config)
     mean, std = normalization(dataset.train_images, config.normalize)
-    common = dict(mean=mean, std=std, device=device, channels_last=config.channels_last)
+    common = dict(mean=mean, std=std, device=device, channels_last=config.channels_last, rank=rank,
+                  world_size=world_size)
     train = BatchLoader(dataset.train_images, dataset.train_labels, config.batch_size, train=True,
                         augment=config.augment, seed=config.seed, **common)
     test = BatchLoader(dataset.test_images, dataset.test_labels, config.eval_batch_size, **common)
@@ -179,27 +185,43 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, run_dir: str | Path | None = None, resume: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, world: World | None = None):
         self.config = config.validate()
-        name = config.name or default_run_name(config)
+        self.world = world or World()
+        if self.config.batch_size % self.world.world_size:
+            raise RunError(f"batch size {self.config.batch_size} (the global batch) must divide among "
+                           f"{self.world.world_size} processes")
+        name = self.world.broadcast(config.name or default_run_name(config))  # one folder for all ranks
         self.run_dir = Path(run_dir) if run_dir is not None else Path(config.out) / name
         self.resume = resume
-        self.progress = progress
+        self.progress = progress and self.world.is_main
         self._stop_signal: int | None = None
         if not resume and (self.run_dir / "checkpoint.pt").exists():
             raise RunError(f"run folder {self.run_dir} already has a checkpoint; continue it with "
                            f"--resume {self.run_dir}, or choose another --name")
         self.device = resolve_device(config.device)
+        if self.world.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.world.local_rank)
 
     # -- setup --------------------------------------------------------------------------------
     def _build(self) -> None:
         cfg = self.config
         torch.manual_seed(cfg.seed)
-        self.train_loader, self.test_loader, self.classes = make_loaders(cfg, self.device)
+        world = self.world
+        self.train_loader, self.test_loader, self.classes = make_loaders(cfg, self.device, world.rank,
+                                                                         world.world_size)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.iterations or max(1, round(cfg.epochs * self.steps_per_epoch))
-        model = create(cfg.model, num_classes=len(self.classes), init=cfg.init).to(self.device)
+        model = create(cfg.model, num_classes=len(self.classes), init=cfg.init)
+        if cfg.sync_bn:
+            model = convert_sync_batchnorm(model)
+        model = model.to(self.device)
         self.model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+        self.network = self.model  # what the forward pass calls: the model, or its DDP wrapper
+        if world.distributed:
+            # every rank builds the same initial weights from the seed; DDP also broadcasts rank 0's
+            self.network = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = build_optimizer(cfg, self.model)
         self.regularizer = OrthonormalRegularizer(self.model, cfg.reg_coeff) if cfg.reg == "ortho" else None
         self.modulator = None
@@ -229,7 +251,8 @@ class Trainer:
         self.last_eval, self.last_train = state.get("last_eval"), state.get("last_train")
         self.wall_time_before = state["wall_time"]
         torch.set_rng_state(state["torch_rng"])
-        self._truncate_metrics(self.step)
+        if self.world.is_main:
+            self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines written after the checkpoint: they will be written again."""
@@ -256,6 +279,8 @@ class Trainer:
         return self.wall_time_before + time.perf_counter() - self._session_start
 
     def _checkpoint(self) -> None:
+        if not self.world.is_main:
+            return
         save_checkpoint(self.run_dir / "checkpoint.pt", {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "modulator": self.modulator.state_dict() if self.config.modulation else None,
@@ -266,6 +291,8 @@ class Trainer:
         })
 
     def _log(self, record: dict, file: str = "metrics.jsonl") -> None:
+        if not self.world.is_main:
+            return
         with open(self.run_dir / file, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -290,18 +317,22 @@ class Trainer:
             "updated": datetime.datetime.now().isoformat(timespec="seconds"),
             **extra,
         }
-        save_json(self.run_dir / "summary.json", summary)
+        if self.world.distributed:
+            summary["world_size"] = self.world.world_size
+        if self.world.is_main:
+            save_json(self.run_dir / "summary.json", summary)
         return summary
 
     def _evaluate(self) -> None:
-        loss, acc = evaluate(self.model, self.test_loader, self.device, self.config.bf16)
+        loss, acc = evaluate(self.model, self.test_loader, self.device, self.config.bf16, self.world)
         self.last_eval = {"kind": "eval", "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
                           "test_loss": loss, "test_acc": acc}
         self._log(self.last_eval)
         if acc > self.best_acc:
             self.best_acc, self.best_step = acc, self.step
-            save_checkpoint(self.run_dir / "best.pt", {"model": self.model.state_dict(), "step": self.step,
-                                                       "test_acc": acc, "config": self.config.to_dict()})
+            if self.world.is_main:
+                    save_checkpoint(self.run_dir / "best.pt", {"model": self.model.state_dict(), "step": self.step,
+                                                           "test_acc": acc, "config": self.config.to_dict()})
         self._summary("running")
 
     def _on_signal(self, signum, frame) -> None:
@@ -313,10 +344,11 @@ class Trainer:
         """Train; return the summary (also written to ``summary.json``)."""
         self._session_start = time.perf_counter()
         self._build()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.resume:
             self._restore()
-        else:
+        elif self.world.is_main:
             save_json(self.run_dir / "config.json", self.config.to_dict())
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             (self.run_dir / "diagnostics.jsonl").unlink(missing_ok=True)
@@ -324,7 +356,8 @@ class Trainer:
                 names = [name for name, _ in diagnostics.weighted_layers(self.model)]
                 self._log({"kind": "layers", "step": 0, "names": names}, "diagnostics.jsonl")
         self._say(f"run folder: {self.run_dir} (step {self.step} of {self.total_steps}, "
-                  f"{self.steps_per_epoch} per epoch)", None)
+                  f"{self.steps_per_epoch} per epoch"
+                  + (f", {self.world.world_size} processes)" if self.world.distributed else ")"), None)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             return self._train()
@@ -358,9 +391,13 @@ class Trainer:
                     if self.modulator is not None:
                         self.modulator.monitor = bool(record)
                     with autocast(self.device, cfg.bf16):
-                        out = model(x)
+                        out = self.network(x)
                     loss = F.cross_entropy(out.float(), y)
                     loss_value = loss.item()
+                    stop = self._stop_signal is not None
+                    if self.world.distributed:  # every process agrees on divergence and on stopping
+                        total, stops = self.world.all_reduce_sum([loss_value, float(stop)])
+                        loss_value, stop = total / self.world.world_size, stops > 0
                     if not math.isfinite(loss_value):
                         return self._diverged(loss_value, bar)
                     self.optimizer.zero_grad(set_to_none=True)
@@ -374,7 +411,7 @@ class Trainer:
                     self.step += 1
                     if probe is not None:
                         self._log(self._probe_weights(probe), "diagnostics.jsonl")
-                    window["loss"] += loss_value * len(y)
+                    window["loss"] += loss_value  # the mean over the global batch
                     window["correct"] += (out.argmax(1) == y).sum().item()
                     window["count"] += len(y)
                     window["steps"] += 1
@@ -387,17 +424,27 @@ class Trainer:
                     if epoch_end or self.step == self.total_steps:
                         self._evaluate()
                     if (epoch_end or self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps
-                            or self._stop_signal is not None):
+                            or stop):
                         self._checkpoint()
                     tick = time.perf_counter()
-                    if self._stop_signal is not None:
+                    if stop:
                         return self._interrupted(bar)
                     if self.step == self.total_steps:
                         break
         finally:
             if bar is not None:
                 bar.close()
-        return self._summary("completed")
+        return self._summary("completed", **self._rank_consistency())
+
+    def _rank_consistency(self) -> dict:
+        """In a distributed run: whether every process ends with bit-identical weights."""
+        if not self.world.distributed:
+            return {}
+        digest = hashlib.sha256()
+        for p in self.model.parameters():
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+        digests = self.world.gather(digest.hexdigest())
+        return {"weights_identical_across_ranks": len(set(digests)) == 1}
 
     def _probe_backward(self) -> dict:
         """What only exists between backward() and the update: error moments, loss gradients."""
@@ -414,8 +461,10 @@ class Trainer:
                 "ortho_residual": diagnostics.orthogonality_residuals(self.model)}
 
     def _log_window(self, window: dict, lr: float, bar) -> None:
+        if self.world.distributed:  # accuracy and images over every process's share
+            window["correct"], window["count"] = self.world.all_reduce_sum([window["correct"], window["count"]])
         record = {"kind": "train", "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
-                  "loss": window["loss"] / window["count"], "train_acc": window["correct"] / window["count"],
+                  "loss": window["loss"] / window["steps"], "train_acc": window["correct"] / window["count"],
                   "lr": lr, "images_per_s": window["count"] / max(window["time"], 1e-9)}
         self._log(record)
         self.last_train = record
@@ -424,8 +473,9 @@ class Trainer:
                             img_s=f"{record['images_per_s']:.0f}")
         window.update(loss=0.0, correct=0, count=0, time=0.0, steps=0)
 
-    @staticmethod
-    def _say(message: str, bar) -> None:
+    def _say(self, message: str, bar) -> None:
+        if not self.world.is_main:
+            return
         if bar is not None:
             bar.write(message, file=sys.stderr)
         else:
@@ -447,7 +497,8 @@ class Trainer:
             "loss": str(loss_value), "message": message, "layers": stats, "error_moments": moments})
 
     def _interrupted(self, bar) -> dict:
-        name = signal.Signals(self._stop_signal).name
+        # a process of a distributed run may stop because another one got the signal
+        name = signal.Signals(self._stop_signal or signal.SIGTERM).name
         message = (f"{name} received: stopped at step {self.step} after writing a checkpoint; "
                    f"continue with: orthomod train --resume {self.run_dir}")
         self._say(message, bar)
