@@ -53,6 +53,12 @@ EXPERIMENTS: dict[str, list[str]] = {
     "e2-plain110-l2-s0": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "0", *L2],
     "e4-plain110-ortho-mod-always-s0": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "0", *ORTHO, *mod(1.0, "always")],
     "e4-plain110-ortho-modtop-s0": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "0", *ORTHO, *mod(2.0, 400, "top")],
+    # added after the band rule (tau 2) diverged like ortho alone: every layer in the first 400
+    # iterations only, and He et al.'s remedy for 110 layers (a gentler start) without modulation
+    "e4-plain110-ortho-mod-tau1-until400-s0": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "0", *ORTHO,
+                                               *mod(1.0, 400)],
+    "e2-plain110-ortho-warmup-s0": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "0", *ORTHO,
+                                    "--warmup-steps", "400"],
     # 5. second seeds of the rows that decide a claim
     "e1-plain44-l2-s1": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "1", *L2],
     "e1-plain44-ortho-s1": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "1", *ORTHO],
