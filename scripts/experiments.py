@@ -116,8 +116,11 @@ def _collected() -> dict[str, dict]:
     for name in EXPERIMENTS:
         folder = COLLECTED / name
         if (folder / "summary.json").exists():
+            probes = []
+            if (folder / "diagnostics.jsonl").exists():
+                probes = [json.loads(l) for l in (folder / "diagnostics.jsonl").read_text().splitlines()]
             runs[name] = {"summary": json.loads((folder / "summary.json").read_text()),
-                          "metrics": [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()],
+                          "probe": next((p for p in reversed(probes) if p.get("kind") == "diagnostics"), None),
                           "command": (folder / "command.txt").read_text().strip()}
     return runs
 
@@ -129,15 +132,21 @@ def _cell(value, percent=False) -> str:
 
 
 def tables() -> None:
-    """One markdown row per collected run: the numbers as measured, with command, seed, budget, time, date."""
-    print("| run | status | steps | final test acc (%) | best test acc (%) | final train loss | wall time (min) | date |")
-    print("|---|---|---|---|---|---|---|---|")
+    """One markdown row per collected run: the numbers as measured, with command, seed, budget, time, date.
+
+    Filter correlation and the error moment ratio are those of the run's last diagnostics line.
+    """
+    print("| run | status | steps | final test acc (%) | best test acc (%) | final train loss | "
+          "filter corr. | q(first)/q(last) | wall time (min) | date |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, run in _collected().items():
-        s = run["summary"]
+        s, probe = run["summary"], run["probe"] or {}
         status = s["status"] if s["status"] != "diverged" else f"diverged at step {s['diverged_at_step']}"
+        ratio = probe.get("moment_ratio_first_last")
         print(f"| {name} | {status} | {s['step']}/{s['total_steps']} | {_cell(s['final_test_acc'], True)} | "
-              f"{_cell(s['best_test_acc'], True)} | {_cell(s['final_train_loss'])} | {s['wall_time_s'] / 60:.1f} | "
-              f"{s['updated'][:10]} |")
+              f"{_cell(s['best_test_acc'], True)} | {_cell(s['final_train_loss'])} | "
+              f"{_cell(probe.get('filter_correlation_mean'))} | {'-' if ratio is None else f'{ratio:.3g}'} | "
+              f"{s['wall_time_s'] / 60:.1f} | {s['updated'][:10]} |")
     print()
     for name, run in _collected().items():
         print(f"- `{name}`: `{run['command']}`")

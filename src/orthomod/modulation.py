@@ -66,14 +66,12 @@ class _Pass:
     n_layers: int
     modulate: bool
     pending: float = 1.0  # product of the factors applied so far in this backward pass
-    before: list = field(default_factory=list)
-    after: list = field(default_factory=list)
-    scale: list = field(default_factory=list)
+    before: list = field(init=False)
+    after: list = field(init=False)
+    scale: list = field(init=False)
 
     def __post_init__(self):
-        self.before = [None] * self.n_layers
-        self.after = [None] * self.n_layers
-        self.scale = [None] * self.n_layers
+        self.before, self.after, self.scale = ([None] * self.n_layers for _ in range(3))
 
 
 class ErrorModulator:
@@ -87,7 +85,7 @@ class ErrorModulator:
             training iteration); ``None`` means always, ``0`` never.
         rule: ``"consecutive"`` or ``"top"`` (see the module docstring).
         monitor: record the per-layer moments even when not modulating (for diagnostics);
-            otherwise no hook runs in the backward pass once modulation has stopped.
+            otherwise no moment is computed once modulation has stopped.
 
     After each backward pass, :attr:`moments_before`, :attr:`moments_after` (per layer, forward
     order) and :attr:`scales` (the factor applied to each layer's error, 1.0 when untouched)
