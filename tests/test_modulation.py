@@ -212,3 +212,18 @@ def test_parameter_gradients_equal_explicit_error_scaling_through_bn_relu(tau):
     assert moments == pytest.approx([after[k] for k in range(len(moments))], rel=1e-9)
     for g, e in zip(got, expected):
         assert torch.allclose(g, e, rtol=1e-9, atol=1e-16)
+
+
+def test_top_rule_catches_compound_drift_that_the_consecutive_band_misses():
+    # every layer grows the error by 1.3^2 = 1.69 < tau: the consecutive band never fires, yet
+    # over 10 layers the moment grows 1.69^9 ~ 112x (what made plain-110 diverge, docs/RESULTS.md)
+    scales = [1.3] * 10
+    chain = _chain(scales)
+    with ErrorModulator(chain, tau=2.0, rule="consecutive") as consecutive:
+        _grads(chain, consecutive)
+        assert not any(consecutive.scaled)
+        assert consecutive.moments_after[0] / consecutive.moments_after[-1] == pytest.approx(1.69**9, rel=1e-9)
+    with ErrorModulator(chain, tau=2.0, rule="top") as top:
+        _grads(chain, top)
+        ratios = [q / top.moments_after[-1] for q in top.moments_after]
+    assert all(0.5 - 1e-12 <= r <= 2.0 + 1e-12 for r in ratios) and sum(top.scaled) == 8
