@@ -59,6 +59,10 @@ EXPERIMENTS: dict[str, list[str]] = {
                                                *mod(1.0, 400)],
     "e2-plain110-ortho-warmup-s0": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "0", *ORTHO,
                                     "--warmup-steps", "400"],
+    # 3. Table 2 on plain-110, one epoch (390 iterations, 0.6% of the paper's budget): msra + L2
+    # with each optimizer at its customary lr (the paper gives none), against ours
+    **{f"t2-plain110-{opt}-s0": [*C10, "--model", "plain110", "--epochs", "1", "--seed", "0", *L2, "--optimizer", opt]
+       for opt in ("sgd", "nesterov", "adagrad", "adadelta", "rmsprop", "adam")},
     # 5. second seeds of the rows that decide a claim
     "e1-plain44-l2-s1": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "1", *L2],
     "e1-plain44-ortho-s1": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "1", *ORTHO],
