@@ -45,10 +45,24 @@ def test_sync_batchnorm_ddp_gradients_equal_one_process_float64(tmp_path):
         assert torch.allclose(got["running_var"], model[0][1].running_var, rtol=1e-12)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launcher(nproc: int) -> list[str]:
+    # a fresh rendezvous port per launch: a killed job's processes may still hold the default one
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+
+
 def _torchrun(tmp_path, *args, nproc=2):
     config = tmp_path / "c.toml"
     config.write_text("shapes_train = 1000\nshapes_test = 200\nbf16 = false\nchannels_last = false\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "orthomod", "train",
+    cmd = [*_launcher(nproc), "-m", "orthomod", "train",
            "--config", str(config), "--model", "plain8", "--batch-size", "50", "--out", str(tmp_path),
            "--no-progress", "--log-every", "5", *args]
     if nproc == 1:
@@ -100,9 +114,8 @@ def test_killed_distributed_run_resumes(tmp_path):
     assert stopped["status"] == "interrupted" and 20 <= stopped["step"] < 200, err
     assert load_checkpoint(run / "checkpoint.pt")["step"] == stopped["step"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "orthomod",
-                              "train", "--resume", str(run), "--no-progress"], capture_output=True, text=True,
-                             env=env, timeout=300)
+    resumed = subprocess.run([*_launcher(2), "-m", "orthomod", "train", "--resume", str(run), "--no-progress"],
+                             capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     final = json.loads((run / "summary.json").read_text())
     assert final["status"] == "completed" and final["step"] == 200 and final["weights_identical_across_ranks"]

@@ -336,8 +336,11 @@ class Trainer:
         self._summary("running")
 
     def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = signum
-        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+        self._stop_signal = self._stop_signal or signum
+        if signum == signal.SIGINT:
+            # a second Ctrl-C ends the process at once; a repeated SIGTERM does not, because
+            # launchers (torchrun, cluster schedulers) forward one to processes that got one already
+            signal.signal(signum, signal.SIG_DFL)
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
