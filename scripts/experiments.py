@@ -6,9 +6,10 @@
     python scripts/experiments.py tables         # markdown tables of the collected runs (for RESULTS.md)
     python scripts/experiments.py figures        # orthomod report over each experiment's runs
 
-Each experiment is one `orthomod train` command; a run that is already complete is skipped and
-an interrupted one is resumed with `--resume`, so the queue can be stopped and restarted at any
-time (across sessions too). Checkpoints stay in runs/paper/ (not committed). The runs use the
+Each experiment is one `orthomod train` command; a run that is already complete (here or in its
+collected copy) is skipped and an interrupted one is resumed with `--resume` while its
+checkpoint exists, so the queue can be stopped and restarted at any time. Checkpoints are not
+committed: in a fresh clone an interrupted run starts over. Checkpoints stay in runs/paper/ (not committed). The runs use the
 orthomod of the Python that runs this script: run it from a separate (non-editable) install to
 keep a long queue independent of edits to the working tree.
 """
@@ -77,8 +78,11 @@ EXPERIMENTS: dict[str, list[str]] = {
 
 
 def _status(name: str) -> str | None:
-    summary = RUNS / name / "summary.json"
-    return json.loads(summary.read_text())["status"] if summary.exists() else None
+    """The run's status here, else that of its collected copy (a fresh clone has no runs/)."""
+    for summary in (RUNS / name / "summary.json", COLLECTED / name / "summary.json"):
+        if summary.exists():
+            return json.loads(summary.read_text())["status"]
+    return None
 
 
 def run(only: str | None) -> None:
