@@ -11,7 +11,6 @@ An unreadable image is either skipped and counted (``on_bad_image="skip"``; the 
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .data import DataError
+from .data import DataError, _mix
 
 __all__ = ["ImageFolder", "FolderLoader", "IMAGE_EXTENSIONS", "MEAN_RGB", "SCALE"]
 
@@ -31,10 +30,6 @@ SCALE = 0.017                        # ~1/58.8, the paper's scaling after mean s
 # with fb.resnet.torch): eigenvalues and eigenvectors (columns) of the RGB covariance, 0-1 scale.
 _PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045])
 _PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
-
-
-def _mix(*values) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(values).encode(), digest_size=8).digest(), "little") >> 1
 
 
 class ImageFolder(torch.utils.data.Dataset):

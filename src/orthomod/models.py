@@ -25,15 +25,10 @@ from torch import nn
 
 from .init import init_model_
 
-__all__ = ["create", "parse_model_name", "list_models", "is_imagenet_model", "plain_cifar", "resnet_cifar", "cifar_depths", "PAPER_DEPTHS"]
+__all__ = ["create", "parse_model_name", "list_models", "is_imagenet_model", "plain_cifar", "resnet_cifar", "PAPER_DEPTHS"]
 
 PAPER_DEPTHS = (20, 32, 44, 56, 110)
 _WIDTHS = (16, 32, 64)
-
-
-def cifar_depths(limit: int = 110) -> list[int]:
-    """Valid CIFAR depths ``6n+2`` up to ``limit``."""
-    return list(range(8, limit + 1, 6))
 
 
 def _stage_layers(depth: int) -> int:
