@@ -69,11 +69,25 @@ EXPERIMENTS: dict[str, list[str]] = {
     "e1-plain44-ortho-s1": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "1", *ORTHO],
     "e2-plain110-ortho-s1": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "1", *ORTHO],
     "e2-plain110-ortho-mod-s1": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "1", *ORTHO, *mod(2.0, 400)],
-    # 2. depth and the residual counterpart
+    "e4-plain110-ortho-mod-always-s1": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "1", *ORTHO,
+                                        *mod(1.0, "always")],
+    # 3. ours at the Table 2 budget on plain-110 (modulation with the defaults chosen in 4)
+    "t2-plain110-ours-s0": [*C10, "--model", "plain110", "--epochs", "1", "--seed", "0", *ORTHO, *mod(1.0, "always")],
+    # 2. depth: plain-44 with modulation, plain-20 with each method, the residual nets with L2
+    "e2-plain44-ortho-mod-s0": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "0", *ORTHO,
+                                *mod(1.0, "always")],
     "e2-plain20-l2-s0": [*C10, "--model", "plain20", "--epochs", "10", "--seed", "0", *L2],
     "e2-plain20-ortho-s0": [*C10, "--model", "plain20", "--epochs", "10", "--seed", "0", *ORTHO],
+    "e2-plain20-ortho-mod-s0": [*C10, "--model", "plain20", "--epochs", "10", "--seed", "0", *ORTHO,
+                                *mod(1.0, "always")],
+    "e2-resnet20-l2-s0": [*C10, "--model", "resnet20", "--epochs", "10", "--seed", "0", *L2],
     "e2-resnet44-l2-s0": [*C10, "--model", "resnet44", "--epochs", "10", "--seed", "0", *L2],
     "e2-resnet110-l2-s0": [*C10, "--model", "resnet110", "--epochs", "4", "--seed", "0", *L2],
+    "e2-plain110-l2-s1": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "1", *L2],
+    # 3. Table 2 on plain-44, two epochs (780 iterations), the six optimizers against ours
+    **{f"t2-plain44-{opt}-s0": [*C10, "--model", "plain44", "--epochs", "2", "--seed", "0", *L2, "--optimizer", opt]
+       for opt in ("sgd", "nesterov", "adagrad", "adadelta", "rmsprop", "adam")},
+    "t2-plain44-ours-s0": [*C10, "--model", "plain44", "--epochs", "2", "--seed", "0", *ORTHO, *mod(1.0, "always")],
 }
 
 

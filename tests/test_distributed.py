@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import make_image_folder
 from orthomod.distributed import convert_sync_batchnorm
 from orthomod.files import load_checkpoint
 from orthomod.models import create
@@ -122,3 +123,23 @@ def test_killed_distributed_run_resumes(tmp_path):
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(l)["kind"] == "train"]
     assert steps == list(range(5, 201, 5))
+
+
+def test_two_process_run_on_an_image_folder(tmp_path):
+    # the folder pipeline under torchrun: DistributedSampler shares, DataLoader workers in each
+    # process, the same weights on both, and the broken image counted as often as one process
+    # with the same global batches meets it (not once per process)
+    root = make_image_folder(tmp_path / "data")
+    args = ["--dataset", "folder", "--data", str(root), "--model", "plain8", "--batch-size", "4",
+            "--iterations", "6", "--image-size", "32", "--resize", "36", "--workers", "1",
+            "--init", "orthonormal", "--reg", "ortho", "--out", str(tmp_path), "--no-progress", "--log-every", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name, launch in (("two", [*_launcher(2), "-m"]), ("one", [sys.executable, "-m"])):
+        proc = subprocess.run([*launch, "orthomod", "train", *args, "--name", name], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    two, one = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("two", "one"))
+    assert two["status"] == "completed" and two["world_size"] == 2 and two["step"] == 6
+    assert two["weights_identical_across_ranks"] is True
+    assert two["skipped_images"] == one["skipped_images"] > 0
+    assert two["final_test_acc"] is not None

@@ -6,29 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import make_image_folder
 from orthomod.cli import main
 from orthomod.data import DataError
 from orthomod.folder_data import MEAN_RGB, SCALE, FolderLoader, ImageFolder
 
 
-def _make_folder(root, bad=True):
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 6), ("val", 2)):
-        for c, colour in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
-            folder = root / split / c
-            folder.mkdir(parents=True)
-            for i in range(count):
-                size = (40 + 3 * i, 48 - 2 * i)  # different sizes and aspect ratios
-                pixels = np.clip(np.array(colour) + rng.integers(-20, 20, (size[1], size[0], 3)), 0, 255)
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
-    (root / "train" / "cat" / "notes.txt").write_text("not an image, ignored by extension")
-    if bad:
-        (root / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    return root
-
-
 def test_folder_split_classes_and_eval_transform(tmp_path):
-    root = _make_folder(tmp_path)
+    root = make_image_folder(tmp_path)
     val = ImageFolder(root, "val", train=False, image_size=32, resize=36)
     assert val.classes == ["cat", "dog"] and len(val) == 4
     x, y = val[0]
@@ -45,7 +30,7 @@ def test_folder_split_classes_and_eval_transform(tmp_path):
 
 
 def test_train_augmentation_is_deterministic_per_epoch_and_index(tmp_path):
-    root = _make_folder(tmp_path, bad=False)
+    root = make_image_folder(tmp_path, bad=False)
     train = ImageFolder(root, "train", train=True, image_size=32, resize=40, seed=3)
     a, _ = train[1]
     b, _ = train[1]
@@ -55,7 +40,7 @@ def test_train_augmentation_is_deterministic_per_epoch_and_index(tmp_path):
 
 
 def test_unreadable_images_skipped_and_counted_or_error(tmp_path):
-    root = _make_folder(tmp_path)
+    root = make_image_folder(tmp_path)
     train = ImageFolder(root, "train", train=True, image_size=32, resize=36)
     assert len(train) == 13  # 12 images + the broken one, no .txt
     loader = FolderLoader(train, batch_size=13, train=True, workers=0)
@@ -67,7 +52,7 @@ def test_unreadable_images_skipped_and_counted_or_error(tmp_path):
 
 
 def test_loader_resume_and_rank_shards(tmp_path):
-    root = _make_folder(tmp_path, bad=False)
+    root = make_image_folder(tmp_path, bad=False)
     train = ImageFolder(root, "train", train=True, image_size=32, resize=36, seed=1)
     loader = FolderLoader(train, batch_size=2, train=True, workers=2, seed=1, channels_last=True)
     full = list(loader.epoch(4))
@@ -80,6 +65,19 @@ def test_loader_resume_and_rank_shards(tmp_path):
               for r in (0, 1)]
     for batch, first, second in zip(whole, *shards):  # each global batch split between the ranks
         assert first == batch[0::2] and second == batch[1::2]
+    # the same with three ranks, a new order each epoch, and evaluation counting every image once
+    whole = FolderLoader(train, batch_size=6, train=True, workers=0, seed=1)._batches(5)
+    thirds = [FolderLoader(train, batch_size=6, train=True, workers=0, seed=1, rank=r, world_size=3)._batches(5)
+              for r in range(3)]
+    assert len(whole) == 2 and all(len(shard) == 2 for shard in thirds)
+    assert [[s[k] for s in thirds] for k in range(2)] == [[b[r::3] for r in range(3)] for b in whole]
+    assert sorted(i for b in whole for i in b) == list(range(12))
+    assert whole != FolderLoader(train, batch_size=6, train=True, workers=0, seed=1)._batches(6)
+    test = [FolderLoader(train, batch_size=9, train=False, workers=0, rank=r, world_size=3)._batches(0)
+            for r in range(3)]
+    assert sorted(i for shard in test for b in shard for i in b) == list(range(12))
+    with pytest.raises(DataError, match="batch size 4 is not divisible by 3 processes"):
+        FolderLoader(train, batch_size=4, train=True, workers=0, world_size=3)
 
 
 def test_folder_errors(tmp_path):
@@ -91,7 +89,7 @@ def test_folder_errors(tmp_path):
 
 
 def test_train_cli_on_generated_folder(tmp_path, capsys):
-    root = _make_folder(tmp_path / "data")
+    root = make_image_folder(tmp_path / "data")
     code = main(["train", "--dataset", "folder", "--data", str(root), "--model", "plain8", "--batch-size", "4",
                  "--iterations", "6", "--out", str(tmp_path), "--name", "f", "--no-progress",
                  "--image-size", "32", "--resize", "36", "--workers", "0"])

@@ -121,9 +121,13 @@ def _collate(items):
 class FolderLoader:
     """Batches of an :class:`ImageFolder`, with the interface of :class:`orthomod.data.BatchLoader`.
 
-    ``batch_size`` is the global batch; with ``world_size`` processes, process ``rank`` decodes
-    every ``world_size``-th image of each global batch (so the processes together see exactly
-    the batches one process would).
+    ``batch_size`` is the global batch. Training batches come from a
+    :class:`torch.utils.data.DistributedSampler` (``world_size`` replicas, this process's
+    ``rank``, shuffled from ``seed`` and the epoch, tail dropped), cut into local batches of
+    ``batch_size // world_size``: local batch ``k`` of rank ``r`` is every ``world_size``-th image
+    of the ``k``-th global batch of one process, so the processes together see exactly the
+    batches one process would. Evaluation splits each global batch the same way without the
+    sampler's padding, so every test image is counted once.
     """
 
     def __init__(self, dataset: ImageFolder, batch_size: int, train: bool, workers: int = 4, seed: int = 0,
@@ -134,19 +138,22 @@ class FolderLoader:
         self.skipped = 0
         if train and len(dataset) < batch_size:
             raise DataError(f"batch size {batch_size} is larger than the training set ({len(dataset)} images)")
+        if batch_size % world_size:
+            raise DataError(f"batch size {batch_size} is not divisible by {world_size} processes")
 
     def __len__(self) -> int:
         n = len(self.dataset)
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
     def _batches(self, epoch: int) -> list[list[int]]:
-        n = len(self.dataset)
-        if self.train:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, "order", epoch))).tolist()
-        else:
-            order = list(range(n))
-        b = self.batch_size
-        return [order[i * b : (i + 1) * b][self.rank :: self.world_size] for i in range(len(self))]
+        if not self.train:
+            b, n = self.batch_size, len(self.dataset)
+            return [list(range(i * b, min(n, (i + 1) * b)))[self.rank :: self.world_size] for i in range(len(self))]
+        sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank,
+                                                      shuffle=True, seed=_mix(self.seed, "order"), drop_last=True)
+        sampler.set_epoch(epoch)
+        share, local = list(sampler), self.batch_size // self.world_size
+        return [share[k * local : (k + 1) * local] for k in range(len(self))]
 
     def epoch(self, epoch: int = 0, start_batch: int = 0, first_step: int = 0):
         self.dataset.epoch = epoch

@@ -440,14 +440,17 @@ class Trainer:
         return self._summary("completed", **self._rank_consistency())
 
     def _rank_consistency(self) -> dict:
-        """In a distributed run: whether every process ends with bit-identical weights."""
+        """In a distributed run: whether every process ends with bit-identical weights, and the
+        unreadable images skipped by all processes together (each decodes its own share)."""
         if not self.world.distributed:
             return {}
         digest = hashlib.sha256()
         for p in self.model.parameters():
             digest.update(p.detach().float().cpu().numpy().tobytes())
         digests = self.world.gather(digest.hexdigest())
-        return {"weights_identical_across_ranks": len(set(digests)) == 1}
+        local = getattr(self.train_loader, "skipped", 0) + getattr(self.test_loader, "skipped", 0)
+        return {"weights_identical_across_ranks": len(set(digests)) == 1,
+                "skipped_images": int(self.world.all_reduce_sum([float(local)])[0])}
 
     def _probe_backward(self) -> dict:
         """What only exists between backward() and the update: error moments, loss gradients."""
