@@ -143,3 +143,22 @@ def test_two_process_run_on_an_image_folder(tmp_path):
     assert two["weights_identical_across_ranks"] is True
     assert two["skipped_images"] == one["skipped_images"] > 0
     assert two["final_test_acc"] is not None
+
+
+@pytest.mark.parametrize("cuda, device, backend, cuda_device",
+                         [(True, "auto", "nccl", 1), (True, "cpu", "gloo", None), (False, "auto", "gloo", None)])
+def test_setup_picks_nccl_and_the_local_gpu_when_cuda_is_there(monkeypatch, cuda, device, backend, cuda_device):
+    # the GPU path's choices, checked without a GPU (an actual NCCL run needs one)
+    import orthomod.distributed as distributed
+
+    calls = {}
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.setdefault("device", index))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda name: calls.setdefault("backend", name))
+    world = distributed.setup(device)
+    assert (world.rank, world.world_size, world.local_rank) == (3, 4, 1)
+    assert calls.get("backend") == backend and calls.get("device") == cuda_device
