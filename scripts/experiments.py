@@ -172,6 +172,70 @@ def tables() -> None:
     print()
     for name, run in _collected().items():
         print(f"- `{name}`: `{run['command']}`")
+    print()
+    _seed_table()
+    print()
+    _depth_table()
+    print()
+    _table2()
+
+
+def _result(run: dict | None) -> str:
+    """Final test accuracy in percent, or how the run ended."""
+    if run is None:
+        return "not run"
+    s = run["summary"]
+    if s["status"] == "diverged":
+        return f"diverged (step {s['diverged_at_step']})"
+    return _cell(s["final_test_acc"], True) if s["status"] == "completed" else s["status"]
+
+
+def _seed_table() -> None:
+    """Runs with more than one seed: final accuracy per seed, mean and spread (max - min)."""
+    runs = _collected()
+    bases = sorted({n.rsplit("-s", 1)[0] for n in runs if not n.endswith("-s0")})
+    print("| run (seeds 0, 1, ...) | final test acc per seed (%) | mean (%) | spread (points) |")
+    print("|---|---|---|---|")
+    for base in bases:
+        seeds = [runs[n] for n in sorted(runs) if n.rsplit("-s", 1)[0] == base]
+        accs = [r["summary"]["final_test_acc"] for r in seeds if r["summary"]["status"] == "completed"]
+        shown = ", ".join(_result(r) for r in seeds)
+        if len(accs) == len(seeds):
+            print(f"| {base} | {shown} | {100 * sum(accs) / len(accs):.2f} | {100 * (max(accs) - min(accs)):.2f} |")
+        else:
+            print(f"| {base} | {shown} | - | - |")
+
+
+def _table2() -> None:
+    """Experiment 3: final test accuracy (%) and final train loss per optimizer, plain-44 and plain-110."""
+    runs = _collected()
+
+    def cell(name: str) -> str:
+        run = runs.get(name)
+        if run is None or run["summary"]["status"] != "completed":
+            return _result(run)
+        return f"{_result(run)} ({run['summary']['final_train_loss']:.3f})"
+
+    print("| optimizer | plain-44, 2 epochs: acc % (train loss) | plain-110, 1 epoch: acc % (train loss) |")
+    print("|---|---|---|")
+    for opt in ("sgd", "nesterov", "adagrad", "adadelta", "rmsprop", "adam", "ours"):
+        label = "ours (ortho + modulation, SGD)" if opt == "ours" else f"{opt} (msra + L2)"
+        print(f"| {label} | {cell(f't2-plain44-{opt}-s0')} | {cell(f't2-plain110-{opt}-s0')} |")
+
+
+def _depth_table() -> None:
+    """Experiment 2: final test accuracy (%) by depth and method, seed 0."""
+    runs = _collected()
+    rows = {"plain-20 (10 epochs)": ("e2-plain20-l2-s0", "e2-plain20-ortho-s0", "e2-plain20-ortho-mod-s0",
+                                     "e2-resnet20-l2-s0"),
+            "plain-44 (10 epochs)": ("e1-plain44-l2-s0", "e1-plain44-ortho-s0", "e2-plain44-ortho-mod-s0",
+                                     "e2-resnet44-l2-s0"),
+            "plain-110 (4 epochs)": ("e2-plain110-l2-s0", "e2-plain110-ortho-s0", "e4-plain110-ortho-mod-always-s0",
+                                     "e2-resnet110-l2-s0")}
+    print("| depth (budget) | msra + L2 | ortho init + reg | ortho + modulation (tau 1) | residual, msra + L2 |")
+    print("|---|---|---|---|---|")
+    for label, names in rows.items():
+        print(f"| {label} | " + " | ".join(_result(runs.get(n)) for n in names) + " |")
 
 
 def figures() -> None:
@@ -180,6 +244,11 @@ def figures() -> None:
         "e1-plain44": [n for n in EXPERIMENTS if n.startswith("e1-") and n.endswith("-s0")],
         "e2-plain110": [n for n in EXPERIMENTS if n.startswith(("e2-plain110", "e4-")) and n.endswith("-s0")],
         "shapes": [n for n in EXPERIMENTS if n.startswith("s-")],
+        "e2-depth": [n for n in EXPERIMENTS if n.endswith("-s0") and n.startswith(("e2-plain20", "e2-plain44",
+                                                                                     "e2-resnet"))],
+        "t2-plain110": [n for n in EXPERIMENTS if n.startswith("t2-plain110")],
+        "t2-plain44": [n for n in EXPERIMENTS if n.startswith("t2-plain44")],
+        "seeds": [n for n in EXPERIMENTS if n.startswith(("e1-", "e4-plain110-ortho-mod-always"))],
     }
     for group, names in groups.items():
         folders = [str(RUNS / n) for n in names if (RUNS / n / "summary.json").exists()]
