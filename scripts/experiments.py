@@ -88,6 +88,17 @@ EXPERIMENTS: dict[str, list[str]] = {
     **{f"t2-plain44-{opt}-s0": [*C10, "--model", "plain44", "--epochs", "2", "--seed", "0", *L2, "--optimizer", opt]
        for opt in ("sgd", "nesterov", "adagrad", "adadelta", "rmsprop", "adam")},
     "t2-plain44-ours-s0": [*C10, "--model", "plain44", "--epochs", "2", "--seed", "0", *ORTHO, *mod(1.0, "always")],
+    # 4. a third until_step: modulation through the first lr phase (the drop comes at 50%, step 780),
+    # the schedule the paper presets use at full budget
+    "e4-plain110-ortho-mod-tau1-until780-s0": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "0", *ORTHO,
+                                               *mod(1.0, 780)],
+    # Fig. 2's absolute level: is our filter correlation (0.039) above the paper's 6e-3 because the
+    # regularizer's integrated pull (lr x lambda summed over the run) is ~16x smaller at this budget?
+    "e1-plain44-ortho-coeff1e-3-s0": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "0", *ORTHO,
+                                      "--reg-coeff", "1e-3"],
+    # 5. third seeds of the plain-44 comparison
+    "e1-plain44-l2-s2": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "2", *L2],
+    "e1-plain44-ortho-s2": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "2", *ORTHO],
 }
 
 
