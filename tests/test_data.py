@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from orthomod.data import (BatchLoader, DataError, download_cifar10, load_cifar10, make_shapes,
-                           normalization)
+from orthomod.data import (BatchLoader, DataError, download_cifar10, eval_batches, load_cifar10, make_shapes,
+                           normalization, train_batches)
 
 
 def test_shapes_deterministic_balanced_and_uint8():
@@ -64,6 +64,28 @@ def test_resumed_epoch_yields_the_same_batches():
     assert len(tail) == len(full) - 6
     for (x0, y0), (x1, y1) in zip(full[6:], tail):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+def test_rank_shares_rebuild_the_one_process_batches():
+    # DistributedSampler shares: local batch k of rank r is global batch k [r::world], augmented
+    # as in one process, for the training and the evaluation split
+    d = make_shapes(1000, 130, seed=0)
+    for train, split in ((True, d.train_images), (False, d.test_images)):
+        labels = d.train_labels if train else d.test_labels
+        mean, std = normalization(d.train_images, "pixel")
+        make = lambda rank, world: BatchLoader(split, labels, 64, mean, std, train=train, augment="flip-crop",
+                                               seed=2, rank=rank, world_size=world)
+        whole = list(make(0, 1).epoch(3, first_step=7))
+        shares = [list(make(r, 4).epoch(3, first_step=7)) for r in range(4)]
+        assert all(len(shard) == len(whole) for shard in shares)
+        for k, (x, y) in enumerate(whole):
+            for r in range(4):
+                assert torch.equal(shares[r][k][0], x[r::4]) and torch.equal(shares[r][k][1], y[r::4])
+    assert sorted(i for b in eval_batches(130, 64, 1, 4) + eval_batches(130, 64, 3, 4) for i in b) == \
+        [i for i in range(130) if i % 64 % 4 in (1, 3)]
+    assert train_batches(1000, 64, seed=5) != train_batches(1000, 64, seed=6)
+    with pytest.raises(DataError, match="batch size 64 is not divisible by 3 processes"):
+        train_batches(1000, 64, seed=5, world_size=3)
 
 
 def test_flip_and_crop_move_pixels_as_stated():

@@ -235,6 +235,33 @@ def _mix(*values: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def check_split(batch_size: int, world_size: int) -> None:
+    """A global batch must divide evenly among the processes."""
+    if batch_size % world_size:
+        raise DataError(f"batch size {batch_size} is not divisible by {world_size} processes")
+
+
+def train_batches(n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """This process's index batches for one training epoch of ``n`` items, from a
+    :class:`torch.utils.data.DistributedSampler` (shuffled from ``seed``, tail dropped).
+
+    ``batch_size`` is the global batch. Local batch ``k`` of rank ``r`` is every
+    ``world_size``-th index of the ``k``-th global batch of one process with the same seed, so the
+    processes together see exactly the batches one process would.
+    """
+    check_split(batch_size, world_size)
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True,
+                                                  seed=seed, drop_last=True)
+    share, local = list(sampler), batch_size // world_size
+    return [share[k * local : (k + 1) * local] for k in range(n // batch_size)]
+
+
+def eval_batches(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """This process's index batches for evaluation: every global batch (in order, the last one
+    partial) split the same way, without the sampler's padding, so every item counts once."""
+    return [list(range(i, min(n, i + batch_size)))[rank::world_size] for i in range(0, n, batch_size)]
+
+
 class BatchLoader:
     """Batches of normalized float images from uint8 tensors kept on ``device``.
 
@@ -258,9 +285,10 @@ class BatchLoader:
         self.augment = augment if train else "none"
         self.seed = seed
         self.channels_last = channels_last
-        # In a distributed run every process walks the same global batches and keeps its share
-        # (every world_size-th image), augmented exactly as one process would augment it.
+        # In a distributed run each process takes its share of every global batch (train_batches,
+        # eval_batches), augmented exactly as one process would augment it.
         self.rank, self.world_size = rank, world_size
+        check_split(batch_size, world_size)
         if batch_size > len(images) and train:
             raise DataError(f"batch size {batch_size} is larger than the training set ({len(images)} images)")
 
@@ -275,30 +303,30 @@ class BatchLoader:
         """
         n = len(self.images)
         if self.train:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
-            order = order.to(self.device)
+            batches = train_batches(n, self.batch_size, _mix(self.seed, epoch), self.rank, self.world_size)
         else:
-            order = torch.arange(n, device=self.device)
+            batches = eval_batches(n, self.batch_size, self.rank, self.world_size)
         for b in range(start_batch, len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            idx = torch.tensor(batches[b], dtype=torch.long, device=self.device)
             x = self.images[idx]
             if self.augment != "none":
                 x = self._augment(x, first_step + b - start_batch)
-            share = slice(self.rank, None, self.world_size)
-            yield self._normalize(x[share]), self.labels[idx][share]
+            yield self._normalize(x), self.labels[idx]
 
     def _augment(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        # the draws of the whole global batch, of which this process keeps its share: every
+        # image gets the flip and crop it would get in a one-process run
         gen = torch.Generator().manual_seed(_mix(self.seed, "augment", step))
-        n = len(x)
-        flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+        share = slice(self.rank, None, self.world_size)
+        flip = (torch.rand(self.batch_size, generator=gen) < 0.5)[share].to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
         if self.augment == "flip-crop":
-            shifts = torch.randint(0, 9, (n, 2), generator=gen).to(x.device)
+            shifts = torch.randint(0, 9, (self.batch_size, 2), generator=gen)[share].to(x.device)
             padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
             h, w = x.shape[2:]
             rows = shifts[:, 0, None] + torch.arange(h, device=x.device)  # (n, h)
             cols = shifts[:, 1, None] + torch.arange(w, device=x.device)  # (n, w)
-            batch = torch.arange(n, device=x.device)[:, None, None]
+            batch = torch.arange(len(x), device=x.device)[:, None, None]
             x = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
         return x
 

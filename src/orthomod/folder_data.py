@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .data import DataError, _mix
+from .data import DataError, _mix, check_split, eval_batches, train_batches
 
 __all__ = ["ImageFolder", "FolderLoader", "IMAGE_EXTENSIONS", "MEAN_RGB", "SCALE"]
 
@@ -138,22 +138,17 @@ class FolderLoader:
         self.skipped = 0
         if train and len(dataset) < batch_size:
             raise DataError(f"batch size {batch_size} is larger than the training set ({len(dataset)} images)")
-        if batch_size % world_size:
-            raise DataError(f"batch size {batch_size} is not divisible by {world_size} processes")
+        check_split(batch_size, world_size)
 
     def __len__(self) -> int:
         n = len(self.dataset)
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
     def _batches(self, epoch: int) -> list[list[int]]:
-        if not self.train:
-            b, n = self.batch_size, len(self.dataset)
-            return [list(range(i * b, min(n, (i + 1) * b)))[self.rank :: self.world_size] for i in range(len(self))]
-        sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank,
-                                                      shuffle=True, seed=_mix(self.seed, "order"), drop_last=True)
-        sampler.set_epoch(epoch)
-        share, local = list(sampler), self.batch_size // self.world_size
-        return [share[k * local : (k + 1) * local] for k in range(len(self))]
+        n = len(self.dataset)
+        if self.train:
+            return train_batches(n, self.batch_size, _mix(self.seed, "order", epoch), self.rank, self.world_size)
+        return eval_batches(n, self.batch_size, self.rank, self.world_size)
 
     def epoch(self, epoch: int = 0, start_batch: int = 0, first_step: int = 0):
         self.dataset.epoch = epoch
