@@ -99,6 +99,22 @@ EXPERIMENTS: dict[str, list[str]] = {
     # 5. third seeds of the plain-44 comparison
     "e1-plain44-l2-s2": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "2", *L2],
     "e1-plain44-ortho-s2": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "2", *ORTHO],
+    # 5. second seeds of the rows the first queue left at one seed: modulation on plain-44, the
+    # until_step choice on plain-110, the stronger regularizer
+    "e2-plain44-ortho-mod-s1": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "1", *ORTHO,
+                                *mod(1.0, "always")],
+    "e4-plain110-ortho-mod-tau1-until780-s1": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "1", *ORTHO,
+                                               *mod(1.0, 780)],
+    "e1-plain44-ortho-coeff1e-3-s1": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "1", *ORTHO,
+                                      "--reg-coeff", "1e-3"],
+    "e4-plain110-ortho-mod-tau1-until400-s1": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "1", *ORTHO,
+                                               *mod(1.0, 400)],
+    "e2-plain44-ortho-mod-s2": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "2", *ORTHO,
+                                *mod(1.0, "always")],
+    # 5. fourth and fifth seeds of the plain-44 comparison: three seeds left the 3-point mean gap
+    # inside the seed spread
+    **{f"e1-plain44-{method}-s{seed}": [*C10, "--model", "plain44", "--epochs", "10", "--seed", str(seed), *flags]
+       for seed in (3, 4) for method, flags in (("l2", L2), ("ortho", ORTHO))},
 }
 
 
@@ -189,6 +205,8 @@ def tables() -> None:
     _depth_table()
     print()
     _table2()
+    print()
+    _modulation_table()
 
 
 def _result(run: dict | None) -> str:
@@ -201,20 +219,47 @@ def _result(run: dict | None) -> str:
     return _cell(s["final_test_acc"], True) if s["status"] == "completed" else s["status"]
 
 
+def _seeds(base: str, runs: dict[str, dict]) -> list[dict]:
+    """The collected runs ``<base>-s0``, ``<base>-s1``, ... in seed order."""
+    return [runs[n] for n in sorted(runs) if n.rsplit("-s", 1)[0] == base]
+
+
+def _seed_cells(seeds: list[dict]) -> str:
+    """Per-seed results, then mean, sample standard deviation and spread (max - min) in points."""
+    accs = [r["summary"]["final_test_acc"] for r in seeds if r["summary"]["status"] == "completed"]
+    shown = ", ".join(_result(r) for r in seeds)
+    if len(accs) < 2 or len(accs) != len(seeds):
+        return f"{shown} | - | - | -"
+    mean = sum(accs) / len(accs)
+    std = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
+    return f"{shown} | {100 * mean:.2f} | {100 * std:.2f} | {100 * (max(accs) - min(accs)):.2f}"
+
+
 def _seed_table() -> None:
-    """Runs with more than one seed: final accuracy per seed, mean and spread (max - min)."""
+    """Runs with more than one seed: final accuracy per seed, mean, standard deviation and spread."""
     runs = _collected()
     bases = sorted({n.rsplit("-s", 1)[0] for n in runs if not n.endswith("-s0")})
-    print("| run (seeds 0, 1, ...) | final test acc per seed (%) | mean (%) | spread (points) |")
-    print("|---|---|---|---|")
+    print("| run (seeds 0, 1, ...) | final test acc per seed (%) | mean (%) | std (points) | spread (points) |")
+    print("|---|---|---|---|---|")
     for base in bases:
-        seeds = [runs[n] for n in sorted(runs) if n.rsplit("-s", 1)[0] == base]
-        accs = [r["summary"]["final_test_acc"] for r in seeds if r["summary"]["status"] == "completed"]
-        shown = ", ".join(_result(r) for r in seeds)
-        if len(accs) == len(seeds):
-            print(f"| {base} | {shown} | {100 * sum(accs) / len(accs):.2f} | {100 * (max(accs) - min(accs)):.2f} |")
-        else:
-            print(f"| {base} | {shown} | - | - |")
+        print(f"| {base} | {_seed_cells(_seeds(base, runs))} |")
+
+
+def _modulation_table() -> None:
+    """Experiment 4: plain-110 with orthonormality, by modulation setting, every seed."""
+    runs = _collected()
+    rows = {"e2-plain110-ortho": "none",
+            "e2-plain110-ortho-warmup": "none; lr warmed up from 0.01 to 0.1 over 400 iterations",
+            "e2-plain110-ortho-mod": "paper's rule, tau 2, first 400 iterations",
+            "e4-plain110-ortho-modtop": "our top rule, tau 2, first 400 iterations",
+            "e4-plain110-ortho-mod-tau1-until400": "every layer (tau 1), first 400 iterations",
+            "e4-plain110-ortho-mod-tau1-until780": "every layer (tau 1), first 780 iterations (first lr phase)",
+            "e4-plain110-ortho-mod-always": "every layer (tau 1), always",
+            "e2-plain110-l2": "reference: msra + L2, no modulation"}
+    print("| run | modulation | final test acc per seed (%) | mean (%) | std (points) | spread (points) |")
+    print("|---|---|---|---|---|---|")
+    for base, label in rows.items():
+        print(f"| {base} | {label} | {_seed_cells(_seeds(base, runs))} |")
 
 
 def _table2() -> None:
@@ -259,7 +304,8 @@ def figures() -> None:
                                                                                      "e2-resnet"))],
         "t2-plain110": [n for n in EXPERIMENTS if n.startswith("t2-plain110")],
         "t2-plain44": [n for n in EXPERIMENTS if n.startswith("t2-plain44")],
-        "seeds": [n for n in EXPERIMENTS if n.startswith(("e1-", "e4-plain110-ortho-mod-always"))],
+        "seeds-plain44": [n for n in EXPERIMENTS if n.startswith(("e1-", "e2-plain44-ortho-mod"))],
+        "seeds-plain110": [n for n in EXPERIMENTS if n.startswith("e4-plain110-ortho-mod-")],
     }
     for group, names in groups.items():
         folders = [str(RUNS / n) for n in names if (RUNS / n / "summary.json").exists()]
