@@ -113,8 +113,13 @@ EXPERIMENTS: dict[str, list[str]] = {
                                 *mod(1.0, "always")],
     # 5. fourth and fifth seeds of the plain-44 comparison: three seeds left the 3-point mean gap
     # inside the seed spread
-    **{f"e1-plain44-{method}-s{seed}": [*C10, "--model", "plain44", "--epochs", "10", "--seed", str(seed), *flags]
-       for seed in (3, 4) for method, flags in (("l2", L2), ("ortho", ORTHO))},
+    **{f"e1-plain44-{method}-s3": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "3", *flags]
+       for method, flags in (("l2", L2), ("ortho", ORTHO))},
+    # 3. does the best optimizer of the one-epoch Table 2 learn plain-110 at ours' 4-epoch budget?
+    "t2-plain110-adadelta-4ep-s0": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "0", *L2,
+                                    "--optimizer", "adadelta"],
+    **{f"e1-plain44-{method}-s4": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "4", *flags]
+       for method, flags in (("l2", L2), ("ortho", ORTHO))},
 }
 
 
@@ -207,6 +212,8 @@ def tables() -> None:
     _table2()
     print()
     _modulation_table()
+    print()
+    _figures23_table()
 
 
 def _result(run: dict | None) -> str:
@@ -243,6 +250,38 @@ def _seed_table() -> None:
     print("|---|---|---|---|---|")
     for base in bases:
         print(f"| {base} | {_seed_cells(_seeds(base, runs))} |")
+
+
+def _probes(name: str) -> list[dict]:
+    path = COLLECTED / name / "diagnostics.jsonl"
+    if not path.exists():
+        return []
+    return [p for p in map(json.loads, path.read_text().splitlines()) if p.get("kind") == "diagnostics"]
+
+
+def _figures23_table() -> None:
+    """Experiment 1, per plain-44 run: accuracy and the Fig. 2 and Fig. 3 statistics.
+
+    Filter correlation at iteration 100 and at the end; the first/last error moment ratio as the
+    median over the last third of the recorded iterations (it swings from one probe to the next);
+    the mean over layers of ||V V^T - I||_F at the end (how far the filters are from orthonormal).
+    With modulation the ratio is that of the modulated errors (1 by construction when tau = 1).
+    """
+    runs = _collected()
+    print("| run | final test acc (%) | filter corr. at 100 | filter corr. at end | "
+          "q(first)/q(last), median of last third | mean Frobenius norm of VV^T - I at end |")
+    print("|---|---|---|---|---|---|")
+    for name in sorted(runs):
+        if not name.startswith(("e1-", "e2-plain44")):
+            continue
+        probes = _probes(name)
+        if not probes:
+            continue
+        ratios = sorted(p["moment_ratio_first_last"] for p in probes[2 * len(probes) // 3:])
+        residual = probes[-1]["ortho_residual"]
+        print(f"| {name} | {_result(runs[name])} | {probes[0]['filter_correlation_mean']:.4f} | "
+              f"{probes[-1]['filter_correlation_mean']:.4f} | {ratios[len(ratios) // 2]:.3g} | "
+              f"{sum(residual) / len(residual):.2f} |")
 
 
 def _modulation_table() -> None:
@@ -294,8 +333,20 @@ def _depth_table() -> None:
         print(f"| {label} | " + " | ".join(_result(runs.get(n)) for n in names) + " |")
 
 
+def _run_folder(name: str) -> Path | None:
+    """The run's own folder if it is here, else its collected copy (no checkpoint: no Fig. 6)."""
+    for folder in (RUNS / name, COLLECTED / name):
+        if (folder / "summary.json").exists():
+            return folder
+    return None
+
+
 def figures() -> None:
-    """``orthomod report`` over the runs of each experiment group, into docs/results/<group>/."""
+    """``orthomod report`` over the runs of each experiment group, into docs/results/<group>/.
+
+    In a fresh clone the collected copies stand in for the run folders; they carry everything but
+    the checkpoint, so the reports have every figure except Fig. 6 (the first layer's filters).
+    """
     groups = {
         "e1-plain44": [n for n in EXPERIMENTS if n.startswith("e1-") and n.endswith("-s0")],
         "e2-plain110": [n for n in EXPERIMENTS if n.startswith(("e2-plain110", "e4-")) and n.endswith("-s0")],
@@ -308,7 +359,7 @@ def figures() -> None:
         "seeds-plain110": [n for n in EXPERIMENTS if n.startswith("e4-plain110-ortho-mod-")],
     }
     for group, names in groups.items():
-        folders = [str(RUNS / n) for n in names if (RUNS / n / "summary.json").exists()]
+        folders = [str(folder) for folder in map(_run_folder, names) if folder is not None]
         if folders:
             subprocess.check_call([sys.executable, "-m", "orthomod", "report", *folders,
                                    "--out", str(ROOT / "docs" / "results" / group)])
