@@ -29,7 +29,7 @@ What "mismatch" means is Open in METHOD.md; two rules are offered:
   the nearest edge of that band. Moments inside the band keep their variety; ``tau=1`` is
   "always" again.
 
-    >>> with ErrorModulator(model, tau=2.0, until_step=500) as modulator:
+    >>> with ErrorModulator(model, tau=1.0, until_step=None) as modulator:  # the defaults
     ...     for x, y in loader:
     ...         loss_fn(model(x), y).backward()
     ...         optimizer.step(); optimizer.zero_grad()
