@@ -214,6 +214,8 @@ def tables() -> None:
     _modulation_table()
     print()
     _figures23_table()
+    print()
+    _comparisons()
 
 
 def _result(run: dict | None) -> str:
@@ -282,6 +284,38 @@ def _figures23_table() -> None:
         print(f"| {name} | {_result(runs[name])} | {probes[0]['filter_correlation_mean']:.4f} | "
               f"{probes[-1]['filter_correlation_mean']:.4f} | {ratios[len(ratios) // 2]:.3g} | "
               f"{sum(residual) / len(residual):.2f} |")
+
+
+def _permutation_p(a: list[float], b: list[float]) -> float:
+    """Exact two-sided permutation test of the difference of means (every split of the pooled runs)."""
+    from itertools import combinations
+
+    pooled, observed = a + b, abs(sum(a) / len(a) - sum(b) / len(b))
+    splits = list(combinations(range(len(pooled)), len(a)))
+    extreme = 0
+    for chosen in splits:
+        left = [pooled[i] for i in chosen]
+        right = [pooled[i] for i in range(len(pooled)) if i not in chosen]
+        extreme += abs(sum(left) / len(left) - sum(right) / len(right)) >= observed - 1e-12
+    return extreme / len(splits)
+
+
+def _comparisons() -> None:
+    """Mean differences between configurations run with several seeds, with a permutation p-value."""
+    runs = _collected()
+    pairs = [("e1-plain44-ortho", "e1-plain44-l2"), ("e2-plain44-ortho-mod", "e1-plain44-l2"),
+             ("e2-plain44-ortho-mod", "e1-plain44-ortho"), ("e1-plain44-ortho-coeff1e-3", "e1-plain44-ortho"),
+             ("e4-plain110-ortho-mod-always", "e4-plain110-ortho-mod-tau1-until780"),
+             ("e4-plain110-ortho-mod-always", "e4-plain110-ortho-mod-tau1-until400")]
+    print("| comparison | seeds | mean difference (points) | exact permutation p (two-sided) |")
+    print("|---|---|---|---|")
+    for first, second in pairs:
+        a, b = ([r["summary"]["final_test_acc"] for r in _seeds(base, runs) if r["summary"]["status"] == "completed"]
+                for base in (first, second))
+        if len(a) < 2 or len(b) < 2:
+            continue
+        diff = 100 * (sum(a) / len(a) - sum(b) / len(b))
+        print(f"| {first} - {second} | {len(a)} and {len(b)} | {diff:+.2f} | {_permutation_p(a, b):.3f} |")
 
 
 def _modulation_table() -> None:
