@@ -20,6 +20,7 @@ import json
 import shutil
 import subprocess
 import sys
+from itertools import combinations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,9 +173,10 @@ def _collected() -> dict[str, dict]:
         if (folder / "summary.json").exists():
             probes = []
             if (folder / "diagnostics.jsonl").exists():
-                probes = [json.loads(l) for l in (folder / "diagnostics.jsonl").read_text().splitlines()]
+                probes = [p for p in map(json.loads, (folder / "diagnostics.jsonl").read_text().splitlines())
+                          if p.get("kind") == "diagnostics"]
             runs[name] = {"summary": json.loads((folder / "summary.json").read_text()),
-                          "probe": next((p for p in reversed(probes) if p.get("kind") == "diagnostics"), None),
+                          "probes": probes, "probe": probes[-1] if probes else None,
                           "command": (folder / "command.txt").read_text().strip()}
     return runs
 
@@ -228,14 +230,24 @@ def _result(run: dict | None) -> str:
     return _cell(s["final_test_acc"], True) if s["status"] == "completed" else s["status"]
 
 
+def _base(name: str) -> str:
+    """The run name without its seed: ``e1-plain44-l2-s3`` -> ``e1-plain44-l2``."""
+    return name.rsplit("-s", 1)[0]
+
+
 def _seeds(base: str, runs: dict[str, dict]) -> list[dict]:
     """The collected runs ``<base>-s0``, ``<base>-s1``, ... in seed order."""
-    return [runs[n] for n in sorted(runs) if n.rsplit("-s", 1)[0] == base]
+    return [runs[n] for n in sorted(runs) if _base(n) == base]
+
+
+def _accuracies(seeds: list[dict]) -> list[float]:
+    """Final test accuracies of the runs that completed."""
+    return [r["summary"]["final_test_acc"] for r in seeds if r["summary"]["status"] == "completed"]
 
 
 def _seed_cells(seeds: list[dict]) -> str:
     """Per-seed results, then mean, sample standard deviation and spread (max - min) in points."""
-    accs = [r["summary"]["final_test_acc"] for r in seeds if r["summary"]["status"] == "completed"]
+    accs = _accuracies(seeds)
     shown = ", ".join(_result(r) for r in seeds)
     if len(accs) < 2 or len(accs) != len(seeds):
         return f"{shown} | - | - | -"
@@ -247,18 +259,11 @@ def _seed_cells(seeds: list[dict]) -> str:
 def _seed_table() -> None:
     """Runs with more than one seed: final accuracy per seed, mean, standard deviation and spread."""
     runs = _collected()
-    bases = sorted({n.rsplit("-s", 1)[0] for n in runs if not n.endswith("-s0")})
+    bases = sorted({_base(n) for n in runs if not n.endswith("-s0")})
     print("| run (seeds 0, 1, ...) | final test acc per seed (%) | mean (%) | std (points) | spread (points) |")
     print("|---|---|---|---|---|")
     for base in bases:
         print(f"| {base} | {_seed_cells(_seeds(base, runs))} |")
-
-
-def _probes(name: str) -> list[dict]:
-    path = COLLECTED / name / "diagnostics.jsonl"
-    if not path.exists():
-        return []
-    return [p for p in map(json.loads, path.read_text().splitlines()) if p.get("kind") == "diagnostics"]
 
 
 def _figures23_table() -> None:
@@ -276,7 +281,7 @@ def _figures23_table() -> None:
     for name in sorted(runs):
         if not name.startswith(("e1-", "e2-plain44")):
             continue
-        probes = _probes(name)
+        probes = runs[name]["probes"]
         if not probes:
             continue
         ratios = sorted(p["moment_ratio_first_last"] for p in probes[2 * len(probes) // 3:])
@@ -288,8 +293,6 @@ def _figures23_table() -> None:
 
 def _permutation_p(a: list[float], b: list[float]) -> float:
     """Exact two-sided permutation test of the difference of means (every split of the pooled runs)."""
-    from itertools import combinations
-
     pooled, observed = a + b, abs(sum(a) / len(a) - sum(b) / len(b))
     splits = list(combinations(range(len(pooled)), len(a)))
     extreme = 0
@@ -310,8 +313,7 @@ def _comparisons() -> None:
     print("| comparison | seeds | mean difference (points) | exact permutation p (two-sided) |")
     print("|---|---|---|---|")
     for first, second in pairs:
-        a, b = ([r["summary"]["final_test_acc"] for r in _seeds(base, runs) if r["summary"]["status"] == "completed"]
-                for base in (first, second))
+        a, b = (_accuracies(_seeds(base, runs)) for base in (first, second))
         if len(a) < 2 or len(b) < 2:
             continue
         diff = 100 * (sum(a) / len(a) - sum(b) / len(b))
