@@ -1,0 +1,43 @@
+"""scripts/experiments.py: the statistics behind docs/RESULTS.md and its tables of the committed runs."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def experiments():
+    spec = importlib.util.spec_from_file_location("experiments", ROOT / "scripts" / "experiments.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_permutation_p_counts_the_splits_as_extreme_as_the_observed_one(experiments):
+    # 3 vs 3 fully separated: only the observed split and its mirror are as extreme, 2 of 20
+    assert experiments._permutation_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.1)
+    assert experiments._permutation_p([1.0, 2.0], [1.0, 2.0]) == 1.0
+    # 2 vs 2 can never go below 2 of 6 splits
+    assert experiments._permutation_p([0.0, 0.1], [0.9, 1.0]) == pytest.approx(1 / 3)
+
+
+def test_seed_cells_give_mean_sample_std_and_spread(experiments):
+    runs = [{"summary": {"status": "completed", "final_test_acc": a}} for a in (0.60, 0.62, 0.64)]
+    assert experiments._seed_cells(runs) == "60.00, 62.00, 64.00 | 62.00 | 2.00 | 4.00"
+    diverged = {"summary": {"status": "diverged", "diverged_at_step": 5}}
+    assert experiments._seed_cells(runs[:1] + [diverged]) == "60.00, diverged (step 5) | - | - | -"
+
+
+def test_tables_report_the_committed_summaries(experiments, capsys):
+    experiments.tables()
+    out = capsys.readouterr().out
+    runs = experiments.COLLECTED
+    accs = [json.loads((runs / f"e1-plain44-l2-s{seed}" / "summary.json").read_text())["final_test_acc"]
+            for seed in range(5)]
+    row = next(line for line in out.splitlines() if line.startswith("| e1-plain44-l2 |"))
+    assert row.split(" | ")[2] == f"{100 * sum(accs) / len(accs):.2f}"
+    for name in ("e1-plain44-ortho-s0", "t2-plain110-ours-s0", "e2-plain110-ortho-s1"):
+        assert f"| {name} |" in out
