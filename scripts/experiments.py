@@ -121,6 +121,11 @@ EXPERIMENTS: dict[str, list[str]] = {
                                     "--optimizer", "adadelta"],
     **{f"e1-plain44-{method}-s4": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "4", *flags]
        for method, flags in (("l2", L2), ("ortho", ORTHO))},
+    # 4-5. third seeds of the two until_step settings that two seeds could not tell apart
+    "e4-plain110-ortho-mod-always-s2": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "2", *ORTHO,
+                                        *mod(1.0, "always")],
+    "e4-plain110-ortho-mod-tau1-until780-s2": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "2", *ORTHO,
+                                               *mod(1.0, 780)],
 }
 
 

@@ -65,3 +65,11 @@ def test_analyze_bn_jacobian_prints_and_plots(tmp_path, capsys):
     assert "two smallest eigenvalues" in out and "the other 30:" in out
     assert (tmp_path / "bn_jacobian.png").stat().st_size > 2000
     assert main(["analyze", "bn-jacobian", "--batch", "2"]) == 2
+
+
+def test_line_styles_stay_distinct_past_ten_runs():
+    from orthomod.report import _style
+
+    styles = [tuple(sorted(_style(i).items())) for i in range(40)]
+    assert len(set(styles)) == 40
+    assert _style(10)["color"] == _style(0)["color"] and _style(10)["linestyle"] != _style(0)["linestyle"]

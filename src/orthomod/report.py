@@ -81,14 +81,20 @@ def _pyplot():
     return plt
 
 
+def _style(i: int) -> dict:
+    """Line style of the i-th run: the ten default colours, then the same with another dash."""
+    return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[i // 10 % 4]}
+
+
 def _curves(runs: list[Run], out: Path) -> str:
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in runs:
+    for i, run in enumerate(runs):
         train = [r for r in run.metrics if r["kind"] == "train"]
         evals = [r for r in run.metrics if r["kind"] == "eval"]
-        left.plot([r["step"] for r in train], [r["loss"] for r in train], label=run.label)
-        right.plot([r["step"] for r in evals], [100 * r["test_acc"] for r in evals], marker=".", label=run.label)
+        left.plot([r["step"] for r in train], [r["loss"] for r in train], label=run.label, **_style(i))
+        right.plot([r["step"] for r in evals], [100 * r["test_acc"] for r in evals], marker=".", label=run.label,
+                   **_style(i))
     left.set(xlabel="iteration", ylabel="training loss", title="Training loss")
     right.set(xlabel="iteration", ylabel="test accuracy (%)", title="Test accuracy")
     for ax in (left, right):
@@ -103,10 +109,10 @@ def _series(runs: list[Run], key: str, out: Path, name: str, ylabel: str, title:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for run in plotted:
+    for i, run in enumerate(plotted):
         points = [(r["step"], r[key]) for r in run.diagnostics
                   if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and (r[key] > 0 or not log)]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=run.label)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=run.label, **_style(i))
     if log:
         ax.set_yscale("log")
     ax.set(xlabel="iteration", ylabel=ylabel, title=title)
