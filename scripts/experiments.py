@@ -126,6 +126,16 @@ EXPERIMENTS: dict[str, list[str]] = {
                                         *mod(1.0, "always")],
     "e4-plain110-ortho-mod-tau1-until780-s2": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "2", *ORTHO,
                                                *mod(1.0, 780)],
+    # 3, 5. a second seed of Table 2 on plain-110, the rows behind "the others fail at 110 layers"
+    **{f"t2-plain110-{opt}-s1": [*C10, "--model", "plain110", "--epochs", "1", "--seed", "1", *L2, "--optimizer", opt]
+       for opt in ("sgd", "nesterov", "adagrad", "adadelta", "rmsprop", "adam")},
+    "t2-plain110-ours-s1": [*C10, "--model", "plain110", "--epochs", "1", "--seed", "1", *ORTHO, *mod(1.0, "always")],
+    # 2, 5. second seeds of the depth table's plain-20 row and its residual net
+    "e2-plain20-l2-s1": [*C10, "--model", "plain20", "--epochs", "10", "--seed", "1", *L2],
+    "e2-plain20-ortho-s1": [*C10, "--model", "plain20", "--epochs", "10", "--seed", "1", *ORTHO],
+    "e2-plain20-ortho-mod-s1": [*C10, "--model", "plain20", "--epochs", "10", "--seed", "1", *ORTHO,
+                                *mod(1.0, "always")],
+    "e2-resnet20-l2-s1": [*C10, "--model", "resnet20", "--epochs", "10", "--seed", "1", *L2],
 }
 
 
@@ -343,35 +353,45 @@ def _modulation_table() -> None:
 
 
 def _table2() -> None:
-    """Experiment 3: final test accuracy (%) and final train loss per optimizer, plain-44 and plain-110."""
+    """Experiment 3: final test accuracy (%) and final train loss per optimizer and seed, plain-44 and plain-110."""
     runs = _collected()
 
-    def cell(name: str) -> str:
-        run = runs.get(name)
-        if run is None or run["summary"]["status"] != "completed":
-            return _result(run)
-        return f"{_result(run)} ({run['summary']['final_train_loss']:.3f})"
+    def cell(base: str) -> str:
+        seeds = _seeds(base, runs)
+        if not seeds:
+            return "not run"
+        shown = " / ".join(_result(r) for r in seeds)
+        losses = [r["summary"]["final_train_loss"] for r in seeds if r["summary"]["status"] == "completed"]
+        return f"{shown} ({' / '.join(f'{x:.3f}' for x in losses)})" if losses else shown
 
-    print("| optimizer | plain-44, 2 epochs: acc % (train loss) | plain-110, 1 epoch: acc % (train loss) |")
+    print("| optimizer | plain-44, 2 epochs: acc % (train loss) | plain-110, 1 epoch: acc % (train loss), "
+          "seeds 0 / 1 |")
     print("|---|---|---|")
     for opt in ("sgd", "nesterov", "adagrad", "adadelta", "rmsprop", "adam", "ours"):
         label = "ours (ortho + modulation, SGD)" if opt == "ours" else f"{opt} (msra + L2)"
-        print(f"| {label} | {cell(f't2-plain44-{opt}-s0')} | {cell(f't2-plain110-{opt}-s0')} |")
+        print(f"| {label} | {cell(f't2-plain44-{opt}')} | {cell(f't2-plain110-{opt}')} |")
+
+
+def _mean_over_seeds(base: str, runs: dict[str, dict]) -> str:
+    """One cell: the single run's result, the mean over seeds that all completed, or every seed's outcome."""
+    seeds = _seeds(base, runs)
+    accs = _accuracies(seeds)
+    if len(seeds) > 1 and len(accs) == len(seeds):
+        return f"{100 * sum(accs) / len(accs):.2f} ({len(seeds)} seeds)"
+    return " / ".join(_result(r) for r in seeds) or "not run"
 
 
 def _depth_table() -> None:
-    """Experiment 2: final test accuracy (%) by depth and method, seed 0."""
+    """Experiment 2: final test accuracy (%) by depth and method, the mean where there are several seeds."""
     runs = _collected()
-    rows = {"plain-20 (10 epochs)": ("e2-plain20-l2-s0", "e2-plain20-ortho-s0", "e2-plain20-ortho-mod-s0",
-                                     "e2-resnet20-l2-s0"),
-            "plain-44 (10 epochs)": ("e1-plain44-l2-s0", "e1-plain44-ortho-s0", "e2-plain44-ortho-mod-s0",
-                                     "e2-resnet44-l2-s0"),
-            "plain-110 (4 epochs)": ("e2-plain110-l2-s0", "e2-plain110-ortho-s0", "e4-plain110-ortho-mod-always-s0",
-                                     "e2-resnet110-l2-s0")}
+    rows = {"plain-20 (10 epochs)": ("e2-plain20-l2", "e2-plain20-ortho", "e2-plain20-ortho-mod", "e2-resnet20-l2"),
+            "plain-44 (10 epochs)": ("e1-plain44-l2", "e1-plain44-ortho", "e2-plain44-ortho-mod", "e2-resnet44-l2"),
+            "plain-110 (4 epochs)": ("e2-plain110-l2", "e2-plain110-ortho", "e4-plain110-ortho-mod-always",
+                                     "e2-resnet110-l2")}
     print("| depth (budget) | msra + L2 | ortho init + reg | ortho + modulation (tau 1) | residual, msra + L2 |")
     print("|---|---|---|---|---|")
-    for label, names in rows.items():
-        print(f"| {label} | " + " | ".join(_result(runs.get(n)) for n in names) + " |")
+    for label, bases in rows.items():
+        print(f"| {label} | " + " | ".join(_mean_over_seeds(b, runs) for b in bases) + " |")
 
 
 def _run_folder(name: str) -> Path | None:
