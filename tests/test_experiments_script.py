@@ -41,3 +41,15 @@ def test_tables_report_the_committed_summaries(experiments, capsys):
     assert row.split(" | ")[2] == f"{100 * sum(accs) / len(accs):.2f}"
     for name in ("e1-plain44-ortho-s0", "t2-plain110-ours-s0", "e2-plain110-ortho-s1"):
         assert f"| {name} |" in out
+
+
+def test_depth_cells_average_only_when_every_seed_completed(experiments):
+    def run(status, acc=None, step=None):
+        return {"summary": {"status": status, "final_test_acc": acc, "diverged_at_step": step}}
+
+    runs = {"a-s0": run("completed", 0.50), "a-s1": run("completed", 0.60), "b-s0": run("completed", 0.42),
+            "c-s0": run("completed", 0.30), "c-s1": run("diverged", step=7)}
+    assert experiments._mean_over_seeds("a", runs) == "55.00 (2 seeds)"
+    assert experiments._mean_over_seeds("b", runs) == "42.00"
+    assert experiments._mean_over_seeds("c", runs) == "30.00 / diverged (step 7)"
+    assert experiments._mean_over_seeds("d", runs) == "not run"
