@@ -136,6 +136,12 @@ EXPERIMENTS: dict[str, list[str]] = {
     "e2-plain20-ortho-mod-s1": [*C10, "--model", "plain20", "--epochs", "10", "--seed", "1", *ORTHO,
                                 *mod(1.0, "always")],
     "e2-resnet20-l2-s1": [*C10, "--model", "resnet20", "--epochs", "10", "--seed", "1", *L2],
+    # 3, 5. a second seed of Table 2 on plain-44; second seeds of the deeper residual nets
+    **{f"t2-plain44-{opt}-s1": [*C10, "--model", "plain44", "--epochs", "2", "--seed", "1", *L2, "--optimizer", opt]
+       for opt in ("sgd", "nesterov", "adagrad", "adadelta", "rmsprop", "adam")},
+    "t2-plain44-ours-s1": [*C10, "--model", "plain44", "--epochs", "2", "--seed", "1", *ORTHO, *mod(1.0, "always")],
+    "e2-resnet44-l2-s1": [*C10, "--model", "resnet44", "--epochs", "10", "--seed", "1", *L2],
+    "e2-resnet110-l2-s1": [*C10, "--model", "resnet110", "--epochs", "4", "--seed", "1", *L2],
 }
 
 
@@ -364,8 +370,8 @@ def _table2() -> None:
         losses = [r["summary"]["final_train_loss"] for r in seeds if r["summary"]["status"] == "completed"]
         return f"{shown} ({' / '.join(f'{x:.3f}' for x in losses)})" if losses else shown
 
-    print("| optimizer | plain-44, 2 epochs: acc % (train loss) | plain-110, 1 epoch: acc % (train loss), "
-          "seeds 0 / 1 |")
+    print("| optimizer | plain-44, 2 epochs: acc % per seed (train loss) "
+          "| plain-110, 1 epoch: acc % per seed (train loss) |")
     print("|---|---|---|")
     for opt in ("sgd", "nesterov", "adagrad", "adadelta", "rmsprop", "adam", "ours"):
         label = "ours (ortho + modulation, SGD)" if opt == "ours" else f"{opt} (msra + L2)"
