@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 from itertools import combinations
+from statistics import fmean, stdev
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,9 @@ def mod(tau: float, until: int | str, rule: str = "consecutive") -> list[str]:
 
 
 # name -> flags; the order is the order of the queue (cheapest decisive runs first)
+# Table 2's six optimizers (the paper's list), each at orthomod's default lr for it
+OPTIMIZERS = ("sgd", "nesterov", "adagrad", "adadelta", "rmsprop", "adam")
+
 EXPERIMENTS: dict[str, list[str]] = {
     # 1. Figs. 2-3 (and the plain-44 rows of 2): 10 epochs = 3,900 iterations, 6% of the paper's 64k
     "e1-plain44-l2-s0": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "0", *L2],
@@ -64,7 +68,7 @@ EXPERIMENTS: dict[str, list[str]] = {
     # 3. Table 2 on plain-110, one epoch (390 iterations, 0.6% of the paper's budget): msra + L2
     # with each optimizer at its customary lr (the paper gives none), against ours
     **{f"t2-plain110-{opt}-s0": [*C10, "--model", "plain110", "--epochs", "1", "--seed", "0", *L2, "--optimizer", opt]
-       for opt in ("sgd", "nesterov", "adagrad", "adadelta", "rmsprop", "adam")},
+       for opt in OPTIMIZERS},
     # 5. second seeds of the rows that decide a claim
     "e1-plain44-l2-s1": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "1", *L2],
     "e1-plain44-ortho-s1": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "1", *ORTHO],
@@ -87,7 +91,7 @@ EXPERIMENTS: dict[str, list[str]] = {
     "e2-plain110-l2-s1": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "1", *L2],
     # 3. Table 2 on plain-44, two epochs (780 iterations), the six optimizers against ours
     **{f"t2-plain44-{opt}-s0": [*C10, "--model", "plain44", "--epochs", "2", "--seed", "0", *L2, "--optimizer", opt]
-       for opt in ("sgd", "nesterov", "adagrad", "adadelta", "rmsprop", "adam")},
+       for opt in OPTIMIZERS},
     "t2-plain44-ours-s0": [*C10, "--model", "plain44", "--epochs", "2", "--seed", "0", *ORTHO, *mod(1.0, "always")],
     # 4. a third until_step: modulation through the first lr phase (the drop comes at 50%, step 780),
     # the schedule the paper presets use at full budget
@@ -128,7 +132,7 @@ EXPERIMENTS: dict[str, list[str]] = {
                                                *mod(1.0, 780)],
     # 3, 5. a second seed of Table 2 on plain-110, the rows behind "the others fail at 110 layers"
     **{f"t2-plain110-{opt}-s1": [*C10, "--model", "plain110", "--epochs", "1", "--seed", "1", *L2, "--optimizer", opt]
-       for opt in ("sgd", "nesterov", "adagrad", "adadelta", "rmsprop", "adam")},
+       for opt in OPTIMIZERS},
     "t2-plain110-ours-s1": [*C10, "--model", "plain110", "--epochs", "1", "--seed", "1", *ORTHO, *mod(1.0, "always")],
     # 2, 5. second seeds of the depth table's plain-20 row and its residual net
     "e2-plain20-l2-s1": [*C10, "--model", "plain20", "--epochs", "10", "--seed", "1", *L2],
@@ -138,7 +142,7 @@ EXPERIMENTS: dict[str, list[str]] = {
     "e2-resnet20-l2-s1": [*C10, "--model", "resnet20", "--epochs", "10", "--seed", "1", *L2],
     # 3, 5. a second seed of Table 2 on plain-44; second seeds of the deeper residual nets
     **{f"t2-plain44-{opt}-s1": [*C10, "--model", "plain44", "--epochs", "2", "--seed", "1", *L2, "--optimizer", opt]
-       for opt in ("sgd", "nesterov", "adagrad", "adadelta", "rmsprop", "adam")},
+       for opt in OPTIMIZERS},
     "t2-plain44-ours-s1": [*C10, "--model", "plain44", "--epochs", "2", "--seed", "1", *ORTHO, *mod(1.0, "always")],
     "e2-resnet44-l2-s1": [*C10, "--model", "resnet44", "--epochs", "10", "--seed", "1", *L2],
     "e2-resnet110-l2-s1": [*C10, "--model", "resnet110", "--epochs", "4", "--seed", "1", *L2],
@@ -216,7 +220,8 @@ def tables() -> None:
     print("| run | status | steps | final test acc (%) | best test acc (%) | final train loss | "
           "filter corr. | q(first)/q(last) | wall time (min) | date |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, run in _collected().items():
+    runs = _collected()
+    for name, run in runs.items():
         s, probe = run["summary"], run["probe"] or {}
         status = s["status"] if s["status"] != "diverged" else f"diverged at step {s['diverged_at_step']}"
         ratio = probe.get("moment_ratio_first_last")
@@ -225,20 +230,20 @@ def tables() -> None:
               f"{_cell(probe.get('filter_correlation_mean'))} | {'-' if ratio is None else f'{ratio:.3g}'} | "
               f"{s['wall_time_s'] / 60:.1f} | {s['updated'][:10]} |")
     print()
-    for name, run in _collected().items():
+    for name, run in runs.items():
         print(f"- `{name}`: `{run['command']}`")
     print()
-    _seed_table()
+    _seed_table(runs)
     print()
-    _depth_table()
+    _depth_table(runs)
     print()
-    _table2()
+    _table2(runs)
     print()
-    _modulation_table()
+    _modulation_table(runs)
     print()
-    _figures23_table()
+    _figures23_table(runs)
     print()
-    _comparisons()
+    _comparisons(runs)
 
 
 def _result(run: dict | None) -> str:
@@ -272,14 +277,11 @@ def _seed_cells(seeds: list[dict]) -> str:
     shown = ", ".join(_result(r) for r in seeds)
     if len(accs) < 2 or len(accs) != len(seeds):
         return f"{shown} | - | - | -"
-    mean = sum(accs) / len(accs)
-    std = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
-    return f"{shown} | {100 * mean:.2f} | {100 * std:.2f} | {100 * (max(accs) - min(accs)):.2f}"
+    return f"{shown} | {100 * fmean(accs):.2f} | {100 * stdev(accs):.2f} | {100 * (max(accs) - min(accs)):.2f}"
 
 
-def _seed_table() -> None:
+def _seed_table(runs: dict[str, dict]) -> None:
     """Runs with more than one seed: final accuracy per seed, mean, standard deviation and spread."""
-    runs = _collected()
     bases = sorted({_base(n) for n in runs if not n.endswith("-s0")})
     print("| run (seeds 0, 1, ...) | final test acc per seed (%) | mean (%) | std (points) | spread (points) |")
     print("|---|---|---|---|---|")
@@ -287,7 +289,7 @@ def _seed_table() -> None:
         print(f"| {base} | {_seed_cells(_seeds(base, runs))} |")
 
 
-def _figures23_table() -> None:
+def _figures23_table(runs: dict[str, dict]) -> None:
     """Experiment 1, per plain-44 run: accuracy and the Fig. 2 and Fig. 3 statistics.
 
     Filter correlation at iteration 100 and at the end; the first/last error moment ratio as the
@@ -295,7 +297,6 @@ def _figures23_table() -> None:
     the mean over layers of ||V V^T - I||_F at the end (how far the filters are from orthonormal).
     With modulation the ratio is that of the modulated errors (1 by construction when tau = 1).
     """
-    runs = _collected()
     print("| run | final test acc (%) | filter corr. at 100 | filter corr. at end | "
           "q(first)/q(last), median of last third | mean Frobenius norm of VV^T - I at end |")
     print("|---|---|---|---|---|---|")
@@ -309,24 +310,23 @@ def _figures23_table() -> None:
         residual = probes[-1]["ortho_residual"]
         print(f"| {name} | {_result(runs[name])} | {probes[0]['filter_correlation_mean']:.4f} | "
               f"{probes[-1]['filter_correlation_mean']:.4f} | {ratios[len(ratios) // 2]:.3g} | "
-              f"{sum(residual) / len(residual):.2f} |")
+              f"{fmean(residual):.2f} |")
 
 
 def _permutation_p(a: list[float], b: list[float]) -> float:
     """Exact two-sided permutation test of the difference of means (every split of the pooled runs)."""
-    pooled, observed = a + b, abs(sum(a) / len(a) - sum(b) / len(b))
+    pooled, observed = a + b, abs(fmean(a) - fmean(b))
     splits = list(combinations(range(len(pooled)), len(a)))
     extreme = 0
     for chosen in splits:
         left = [pooled[i] for i in chosen]
         right = [pooled[i] for i in range(len(pooled)) if i not in chosen]
-        extreme += abs(sum(left) / len(left) - sum(right) / len(right)) >= observed - 1e-12
+        extreme += abs(fmean(left) - fmean(right)) >= observed - 1e-12
     return extreme / len(splits)
 
 
-def _comparisons() -> None:
+def _comparisons(runs: dict[str, dict]) -> None:
     """Mean differences between configurations run with several seeds, with a permutation p-value."""
-    runs = _collected()
     pairs = [("e1-plain44-ortho", "e1-plain44-l2"), ("e2-plain44-ortho-mod", "e1-plain44-l2"),
              ("e2-plain44-ortho-mod", "e1-plain44-ortho"), ("e1-plain44-ortho-coeff1e-3", "e1-plain44-ortho"),
              ("e4-plain110-ortho-mod-always", "e4-plain110-ortho-mod-tau1-until780"),
@@ -337,13 +337,12 @@ def _comparisons() -> None:
         a, b = (_accuracies(_seeds(base, runs)) for base in (first, second))
         if len(a) < 2 or len(b) < 2:
             continue
-        diff = 100 * (sum(a) / len(a) - sum(b) / len(b))
+        diff = 100 * (fmean(a) - fmean(b))
         print(f"| {first} - {second} | {len(a)} and {len(b)} | {diff:+.2f} | {_permutation_p(a, b):.3f} |")
 
 
-def _modulation_table() -> None:
+def _modulation_table(runs: dict[str, dict]) -> None:
     """Experiment 4: plain-110 with orthonormality, by modulation setting, every seed."""
-    runs = _collected()
     rows = {"e2-plain110-ortho": "none",
             "e2-plain110-ortho-warmup": "none; lr warmed up from 0.01 to 0.1 over 400 iterations",
             "e2-plain110-ortho-mod": "paper's rule, tau 2, first 400 iterations",
@@ -358,9 +357,8 @@ def _modulation_table() -> None:
         print(f"| {base} | {label} | {_seed_cells(_seeds(base, runs))} |")
 
 
-def _table2() -> None:
+def _table2(runs: dict[str, dict]) -> None:
     """Experiment 3: final test accuracy (%) and final train loss per optimizer and seed, plain-44 and plain-110."""
-    runs = _collected()
 
     def cell(base: str) -> str:
         seeds = _seeds(base, runs)
@@ -373,7 +371,7 @@ def _table2() -> None:
     print("| optimizer | plain-44, 2 epochs: acc % per seed (train loss) "
           "| plain-110, 1 epoch: acc % per seed (train loss) |")
     print("|---|---|---|")
-    for opt in ("sgd", "nesterov", "adagrad", "adadelta", "rmsprop", "adam", "ours"):
+    for opt in (*OPTIMIZERS, "ours"):
         label = "ours (ortho + modulation, SGD)" if opt == "ours" else f"{opt} (msra + L2)"
         print(f"| {label} | {cell(f't2-plain44-{opt}')} | {cell(f't2-plain110-{opt}')} |")
 
@@ -383,13 +381,12 @@ def _mean_over_seeds(base: str, runs: dict[str, dict]) -> str:
     seeds = _seeds(base, runs)
     accs = _accuracies(seeds)
     if len(seeds) > 1 and len(accs) == len(seeds):
-        return f"{100 * sum(accs) / len(accs):.2f} ({len(seeds)} seeds)"
+        return f"{100 * fmean(accs):.2f} ({len(seeds)} seeds)"
     return " / ".join(_result(r) for r in seeds) or "not run"
 
 
-def _depth_table() -> None:
+def _depth_table(runs: dict[str, dict]) -> None:
     """Experiment 2: final test accuracy (%) by depth and method, the mean where there are several seeds."""
-    runs = _collected()
     rows = {"plain-20 (10 epochs)": ("e2-plain20-l2", "e2-plain20-ortho", "e2-plain20-ortho-mod", "e2-resnet20-l2"),
             "plain-44 (10 epochs)": ("e1-plain44-l2", "e1-plain44-ortho", "e2-plain44-ortho-mod", "e2-resnet44-l2"),
             "plain-110 (4 epochs)": ("e2-plain110-l2", "e2-plain110-ortho", "e4-plain110-ortho-mod-always",
