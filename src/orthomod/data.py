@@ -313,6 +313,9 @@ class BatchLoader:
                 x = self._augment(x, first_step + b - start_batch)
             yield self._normalize(x), self.labels[idx]
 
+    def close(self) -> None:
+        """Nothing to release (the images are in memory); the folder loader stops its workers here."""
+
     def _augment(self, x: torch.Tensor, step: int) -> torch.Tensor:
         # the draws of the whole global batch, of which this process keeps its share: every
         # image gets the flip and crop it would get in a one-process run

@@ -6,6 +6,12 @@ result scaled by 0.017; evaluation on the centre 224 crop. Images are decoded by
 worker processes. Augmentation draws from ``(seed, epoch, index)``, so an image gets the same
 crop whatever worker decodes it, and a resumed epoch is the same as an uninterrupted one.
 
+The workers are started once per loader and serve every epoch (the sampler hands them
+``(epoch, index)`` keys), and they are started with ``spawn``, not ``fork``: forking the
+trainer, which has gloo and DataLoader queue threads, deadlocked about one 2-process test run
+in fifteen here (the child hung in CPython's after-fork clean-up, waiting for a lock that a
+thread of the parent held at the moment of the fork).
+
 An unreadable image is either skipped and counted (``on_bad_image="skip"``; the count is in
 ``FolderLoader.skipped``) or stops the run with its path (``"error"``).
 """
@@ -60,7 +66,9 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        # an (epoch, index) key from FolderLoader; a plain index uses the ``epoch`` attribute
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         path, label = self.samples[i]
         try:
             with Image.open(path) as f:
@@ -70,7 +78,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 raise DataError(f"unreadable image {path} ({type(exc).__name__}); remove it or use "
                                 "on_bad_image = \"skip\"") from None
             return None
-        rng = np.random.default_rng(_mix(self.seed, self.epoch, i)) if self.train else None
+        rng = np.random.default_rng(_mix(self.seed, epoch, i)) if self.train else None
         return self.transform(image, rng), label
 
     def transform(self, image: Image.Image, rng: np.random.Generator | None) -> torch.Tensor:
@@ -118,6 +126,20 @@ def _collate(items):
     return torch.stack([x for x, _ in kept]), torch.tensor([y for _, y in kept]), skipped
 
 
+class _EpochBatches(torch.utils.data.Sampler):
+    """The batch sampler of a persistent DataLoader: the batches of the epoch being read, set
+    before each pass, as ``(epoch, index)`` keys so that workers need no epoch of their own."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class FolderLoader:
     """Batches of an :class:`ImageFolder`, with the interface of :class:`orthomod.data.BatchLoader`.
 
@@ -136,6 +158,8 @@ class FolderLoader:
         self.workers, self.seed, self.device = workers, seed, torch.device(device)
         self.channels_last, self.rank, self.world_size = channels_last, rank, world_size
         self.skipped = 0
+        self._sampler = _EpochBatches()
+        self._loader: torch.utils.data.DataLoader | None = None  # made at first use, kept: see close()
         if train and len(dataset) < batch_size:
             raise DataError(f"batch size {batch_size} is larger than the training set ({len(dataset)} images)")
         check_split(batch_size, world_size)
@@ -152,10 +176,14 @@ class FolderLoader:
 
     def epoch(self, epoch: int = 0, start_batch: int = 0, first_step: int = 0):
         self.dataset.epoch = epoch
-        batches = [batch for batch in self._batches(epoch)[start_batch:] if batch]
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
-                                             collate_fn=_collate, pin_memory=self.device.type == "cuda")
-        for x, y, skipped in loader:
+        self._sampler.batches = [[(epoch, i) for i in batch] for batch in self._batches(epoch)[start_batch:] if batch]
+        if self._loader is None:
+            spawn = self.workers > 0
+            self._loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=self._sampler, num_workers=self.workers, collate_fn=_collate,
+                pin_memory=self.device.type == "cuda", persistent_workers=spawn,
+                multiprocessing_context="spawn" if spawn else None)
+        for x, y, skipped in self._loader:
             self.skipped += skipped
             if x is None:
                 continue
@@ -163,3 +191,10 @@ class FolderLoader:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        """Stop the worker processes; the next :meth:`epoch` starts new ones."""
+        loader, self._loader = self._loader, None
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()  # what the iterator's __del__ does, now rather than at collection

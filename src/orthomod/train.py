@@ -369,6 +369,9 @@ class Trainer:
                 signal.signal(s, handler)
             if self.modulator is not None:
                 self.modulator.remove()
+            for loader in (getattr(self, "train_loader", None), getattr(self, "test_loader", None)):
+                if loader is not None:
+                    loader.close()  # DataLoader worker processes of image folders
 
     def _train(self) -> dict:
         cfg, model = self.config, self.model
