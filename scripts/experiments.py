@@ -241,6 +241,8 @@ def tables() -> None:
     print()
     _seed_table(runs)
     print()
+    _seed_table(runs, ("e1-plain44", "e2-plain44"))  # experiment 1's accuracy claim
+    print()
     _depth_table(runs)
     print()
     _table2(runs)
@@ -286,9 +288,10 @@ def _seed_cells(seeds: list[dict]) -> str:
     return f"{shown} | {100 * fmean(accs):.2f} | {100 * stdev(accs):.2f} | {100 * (max(accs) - min(accs)):.2f}"
 
 
-def _seed_table(runs: dict[str, dict]) -> None:
-    """Runs with more than one seed: final accuracy per seed, mean, standard deviation and spread."""
-    bases = sorted({_base(n) for n in runs if not n.endswith("-s0")})
+def _seed_table(runs: dict[str, dict], prefixes: tuple[str, ...] = ("",)) -> None:
+    """Runs with more than one seed (whose names start with one of ``prefixes``): final accuracy
+    per seed, mean, standard deviation and spread."""
+    bases = sorted({_base(n) for n in runs if not n.endswith("-s0") and n.startswith(prefixes)})
     print("| run (seeds 0, 1, ...) | final test acc per seed (%) | mean (%) | std (points) | spread (points) |")
     print("|---|---|---|---|---|")
     for base in bases:

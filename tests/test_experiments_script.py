@@ -53,3 +53,13 @@ def test_depth_cells_average_only_when_every_seed_completed(experiments):
     assert experiments._mean_over_seeds("b", runs) == "42.00"
     assert experiments._mean_over_seeds("c", runs) == "30.00 / diverged (step 7)"
     assert experiments._mean_over_seeds("d", runs) == "not run"
+
+
+def test_seed_table_keeps_the_named_prefixes(experiments, capsys):
+    def run(acc):
+        return {"summary": {"status": "completed", "final_test_acc": acc}}
+
+    runs = {"e1-a-s0": run(0.5), "e1-a-s1": run(0.7), "t2-b-s0": run(0.3), "t2-b-s1": run(0.4), "e1-c-s0": run(0.9)}
+    experiments._seed_table(runs, ("e1-",))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| e") or line.startswith("| t")]
+    assert rows == ["| e1-a | 50.00, 70.00 | 60.00 | 14.14 | 20.00 |"]  # t2-b filtered out, e1-c has one seed
