@@ -152,6 +152,11 @@ EXPERIMENTS: dict[str, list[str]] = {
                                     *mod(2.0, 400, "top")],
     "t2-plain110-adadelta-4ep-s1": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "1", *L2,
                                     "--optimizer", "adadelta"],
+    # 4. the paper's consecutive rule with a narrower band: tau 2 never fires while the moments
+    # drift about 1.1x per layer; does a band of 1.1 fire enough to train, and keep some variety?
+    **{f"e4-plain110-ortho-mod-tau1.1-always-s{seed}": [*C10, "--model", "plain110", "--epochs", "4", "--seed",
+                                                        str(seed), *ORTHO, *mod(1.1, "always")]
+       for seed in (0, 1)},
 }
 
 
@@ -339,7 +344,8 @@ def _comparisons(runs: dict[str, dict]) -> None:
     pairs = [("e1-plain44-ortho", "e1-plain44-l2"), ("e2-plain44-ortho-mod", "e1-plain44-l2"),
              ("e2-plain44-ortho-mod", "e1-plain44-ortho"), ("e1-plain44-ortho-coeff1e-3", "e1-plain44-ortho"),
              ("e4-plain110-ortho-mod-always", "e4-plain110-ortho-mod-tau1-until780"),
-             ("e4-plain110-ortho-mod-always", "e4-plain110-ortho-mod-tau1-until400")]
+             ("e4-plain110-ortho-mod-always", "e4-plain110-ortho-mod-tau1-until400"),
+             ("e4-plain110-ortho-mod-always", "e4-plain110-ortho-mod-tau1.1-always")]
     print("| comparison | seeds | mean difference (points) | exact permutation p (two-sided) |")
     print("|---|---|---|---|")
     for first, second in pairs:
@@ -356,6 +362,7 @@ def _modulation_table(runs: dict[str, dict]) -> None:
             "e2-plain110-ortho-warmup": "none; lr warmed up from 0.01 to 0.1 over 400 iterations",
             "e2-plain110-ortho-mod": "paper's rule, tau 2, first 400 iterations",
             "e4-plain110-ortho-modtop": "our top rule, tau 2, first 400 iterations",
+            "e4-plain110-ortho-mod-tau1.1-always": "paper's rule, tau 1.1, always",
             "e4-plain110-ortho-mod-tau1-until400": "every layer (tau 1), first 400 iterations",
             "e4-plain110-ortho-mod-tau1-until780": "every layer (tau 1), first 780 iterations (first lr phase)",
             "e4-plain110-ortho-mod-always": "every layer (tau 1), always",
