@@ -4,7 +4,7 @@
     python scripts/experiments.py list
     python scripts/experiments.py collect        # copy the small files of each run to docs/results/runs
     python scripts/experiments.py tables         # markdown tables of the collected runs (for RESULTS.md)
-    python scripts/experiments.py figures        # orthomod report over each experiment's runs
+    python scripts/experiments.py figures [--only GROUP]   # orthomod report over each experiment's runs
 
 Each experiment is one `orthomod train` command; a run that is already complete (here or in its
 collected copy) is skipped and an interrupted one is resumed with `--resume` while its
@@ -161,6 +161,14 @@ EXPERIMENTS: dict[str, list[str]] = {
     "e4-plain110-ortho-modtop-s2": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "2", *ORTHO,
                                     *mod(2.0, 400, "top")],
 }
+
+
+# the runs of 2026-11-25, each report with the runs it is compared with
+LATER = ("e4-plain110-ortho-modtop-s1", "e4-plain110-ortho-modtop-s2", "e4-plain110-ortho-mod-tau1.1-always-s0",
+         "e4-plain110-ortho-mod-tau1.1-always-s1", "t2-plain110-adadelta-4ep-s1")
+LATER_RULES = ["e4-plain110-ortho-modtop-s0", *LATER[:4], *(f"e4-plain110-ortho-mod-always-s{seed}" for seed in range(3))]
+LATER_ADADELTA = ["t2-plain110-adadelta-4ep-s0", "t2-plain110-adadelta-4ep-s1",
+                  *(f"e4-plain110-ortho-mod-always-s{seed}" for seed in range(3))]
 
 
 def _status(name: str) -> str | None:
@@ -424,24 +432,30 @@ def _run_folder(name: str) -> Path | None:
     return None
 
 
-def figures() -> None:
+def figures(only: str | None = None) -> None:
     """``orthomod report`` over the runs of each experiment group, into docs/results/<group>/.
 
     In a fresh clone the collected copies stand in for the run folders; they carry everything but
     the checkpoint, so the reports have every figure except Fig. 6 (the first layer's filters).
+    Runs queued after a report was drawn go into a report of their own (``LATER``), so that
+    drawing it does not redraw the earlier reports without the Fig. 6 of their runs.
     """
+    later = {"e4-rules-plain110": LATER_RULES, "t2-adadelta-4ep": LATER_ADADELTA}
     groups = {
         "e1-plain44": [n for n in EXPERIMENTS if n.startswith("e1-") and n.endswith("-s0")],
         "e2-plain110": [n for n in EXPERIMENTS if n.startswith(("e2-plain110", "e4-")) and n.endswith("-s0")],
         "shapes": [n for n in EXPERIMENTS if n.startswith("s-")],
         "e2-depth": [n for n in EXPERIMENTS if n.endswith("-s0") and n.startswith(("e2-plain20", "e2-plain44",
                                                                                      "e2-resnet"))],
-        "t2-plain110": [n for n in EXPERIMENTS if n.startswith("t2-plain110")],
+        "t2-plain110": [n for n in EXPERIMENTS if n.startswith("t2-plain110") and n not in LATER],
         "t2-plain44": [n for n in EXPERIMENTS if n.startswith("t2-plain44")],
         "seeds-plain44": [n for n in EXPERIMENTS if n.startswith(("e1-", "e2-plain44-ortho-mod"))],
-        "seeds-plain110": [n for n in EXPERIMENTS if n.startswith("e4-plain110-ortho-mod-")],
+        "seeds-plain110": [n for n in EXPERIMENTS if n.startswith("e4-plain110-ortho-mod-") and n not in LATER],
+        **later,
     }
     for group, names in groups.items():
+        if only and only not in group:
+            continue
         folders = [str(folder) for folder in map(_run_folder, names) if folder is not None]
         if folders:
             subprocess.check_call([sys.executable, "-m", "orthomod", "report", *folders,
@@ -460,7 +474,7 @@ def main() -> None:
     elif args.action == "tables":
         tables()
     elif args.action == "figures":
-        figures()
+        figures(args.only)
     else:
         for name, flags in EXPERIMENTS.items():
             print(f"{name:<34} {_status(name) or '-':<12} orthomod train {' '.join(flags)}")
