@@ -89,18 +89,22 @@ def test_workers_start_once_by_spawn_and_follow_the_epoch(tmp_path):
     train = ImageFolder(root, "train", train=True, image_size=32, resize=40, seed=2)
     served = FolderLoader(train, batch_size=4, train=True, workers=2, seed=2)
     inline = FolderLoader(train, batch_size=4, train=True, workers=0, seed=2)
+    before = {p.pid for p in multiprocessing.active_children()}  # any left by other tests
+
+    def children():
+        return {p.pid: type(p).__name__ for p in multiprocessing.active_children() if p.pid not in before}
+
     started = None
     for epoch in (0, 1, 2):
         got, want = list(served.epoch(epoch)), list(inline.epoch(epoch))
         assert len(got) == len(want) == 3
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want))
-        workers = {p.pid: type(p).__name__ for p in multiprocessing.active_children()}
-        assert started is None or workers == started
-        started = workers
+        assert started is None or children() == started
+        started = children()
     assert len(started) == 2 and set(started.values()) == {"SpawnProcess"}
     assert not torch.equal(list(inline.epoch(0))[0][0], list(inline.epoch(1))[0][0])  # a new crop each epoch
     served.close()
-    assert multiprocessing.active_children() == []
+    assert children() == {}
 
 
 def test_folder_errors(tmp_path):
