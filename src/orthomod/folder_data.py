@@ -175,7 +175,6 @@ class FolderLoader:
         return eval_batches(n, self.batch_size, self.rank, self.world_size)
 
     def epoch(self, epoch: int = 0, start_batch: int = 0, first_step: int = 0):
-        self.dataset.epoch = epoch
         self._sampler.batches = [[(epoch, i) for i in batch] for batch in self._batches(epoch)[start_batch:] if batch]
         if self._loader is None:
             spawn = self.workers > 0
