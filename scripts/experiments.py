@@ -166,7 +166,8 @@ EXPERIMENTS: dict[str, list[str]] = {
 # the runs of 2026-11-25, each report with the runs it is compared with
 LATER = ("e4-plain110-ortho-modtop-s1", "e4-plain110-ortho-modtop-s2", "e4-plain110-ortho-mod-tau1.1-always-s0",
          "e4-plain110-ortho-mod-tau1.1-always-s1", "t2-plain110-adadelta-4ep-s1")
-LATER_RULES = ["e4-plain110-ortho-modtop-s0", *LATER[:4], *(f"e4-plain110-ortho-mod-always-s{seed}" for seed in range(3))]
+LATER_RULES = ["e4-plain110-ortho-modtop-s0", *(n for n in LATER if n.startswith("e4-")),
+               *(f"e4-plain110-ortho-mod-always-s{seed}" for seed in range(3))]
 LATER_ADADELTA = ["t2-plain110-adadelta-4ep-s0", "t2-plain110-adadelta-4ep-s1",
                   *(f"e4-plain110-ortho-mod-always-s{seed}" for seed in range(3))]
 
@@ -443,7 +444,8 @@ def figures(only: str | None = None) -> None:
     later = {"e4-rules-plain110": LATER_RULES, "t2-adadelta-4ep": LATER_ADADELTA}
     groups = {
         "e1-plain44": [n for n in EXPERIMENTS if n.startswith("e1-") and n.endswith("-s0")],
-        "e2-plain110": [n for n in EXPERIMENTS if n.startswith(("e2-plain110", "e4-")) and n.endswith("-s0")],
+        "e2-plain110": [n for n in EXPERIMENTS if n.startswith(("e2-plain110", "e4-")) and n.endswith("-s0")
+                        and n not in LATER],
         "shapes": [n for n in EXPERIMENTS if n.startswith("s-")],
         "e2-depth": [n for n in EXPERIMENTS if n.endswith("-s0") and n.startswith(("e2-plain20", "e2-plain44",
                                                                                      "e2-resnet"))],
