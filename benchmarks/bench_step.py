@@ -1,7 +1,7 @@
 """Cost of orthonormality + modulation in a full SGD training step, against weight decay.
 
-Times one training step (forward, backward, regularizer, SGD update) of a CIFAR plain net under
-bf16 autocast and channels_last, for:
+Times one training step (forward, backward, regularizer, SGD update) of a CIFAR plain net in
+the precision ``--precision auto`` picks on this machine (or the one named) and channels_last, for:
   l2         SGD(weight_decay=1e-4 on conv/linear weights)       -- the reference
   ortho+mod  OrthonormalRegularizer.add_grad_() + ErrorModulator -- orthomod's way
   ortho      OrthonormalRegularizer.add_grad_() alone
@@ -23,10 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from orthomod import ErrorModulator, OrthonormalRegularizer, create
+from orthomod.hardware import choose_precision
 from orthomod.regularizers import split_decay_parameters
 
+from bench_precision import cpu_model
 
-def make_step(name: str, base: torch.nn.Module, tau: float):
+CPU = torch.device("cpu")
+
+
+def make_step(name: str, base: torch.nn.Module, tau: float, precision):
     model = copy.deepcopy(base)
     weights, others = split_decay_parameters(model)
     wd = 1e-4 if name == "l2" else 0.0
@@ -36,8 +41,8 @@ def make_step(name: str, base: torch.nn.Module, tau: float):
     modulator = ErrorModulator(model, tau=tau) if name.endswith("+mod") else None
 
     def step(x, y):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x), y)
+        with precision.autocast(CPU):
+            loss = F.cross_entropy(model(x).float(), y)
         if name.startswith("naive"):
             loss = loss + reg.loss()
         opt.zero_grad(set_to_none=True)
@@ -59,14 +64,16 @@ def main() -> None:
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--tau", type=float, default=1.0, help="1 modulates every layer: the costliest case")
     parser.add_argument("--configs", default="l2,ortho+mod,ortho,naive+mod")
+    parser.add_argument("--precision", default="auto", help="auto (what training picks here), fp32 or bf16")
     args = parser.parse_args()
+    precision = choose_precision(args.precision, CPU)
 
     torch.manual_seed(0)
     base = create(args.model, init="orthonormal").to(memory_format=torch.channels_last)
     x = torch.randn(args.batch_size, 3, 32, 32).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch_size,))
     names = args.configs.split(",")
-    steps = {n: make_step(n, base, args.tau) for n in names}
+    steps = {n: make_step(n, base, args.tau, precision) for n in names}
     for n in names:  # warm-up: allocator, oneDNN kernel selection
         for _ in range(2):
             steps[n](x, y)
@@ -80,6 +87,7 @@ def main() -> None:
     ref = statistics.median(times["l2"])
     result = {
         "model": args.model, "batch_size": args.batch_size, "rounds": args.rounds, "tau": args.tau,
+        "precision": precision.name, "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
         "median_step_s": {n: round(statistics.median(t), 4) for n, t in times.items()},
         "ratio_vs_l2": {n: round(statistics.median(t) / ref, 4) for n, t in times.items()},

@@ -1,6 +1,7 @@
 """Trainer throughput against a minimal hand-written loop over the same model and data.
 
-Both train plain-44 (by default) on CIFAR-10 with batch 128, bf16 autocast, channels_last,
+Both train plain-44 (by default) on CIFAR-10 with batch 128, in the precision ``--precision auto``
+picks on this machine, channels_last,
 SGD momentum 0.9 + L2, horizontal flips and per-pixel normalization. The hand-written loop does
 only that: index a random permutation, flip, normalize, forward, backward, step. The trainer
 adds its lr schedule, divergence check, accuracy, metrics lines and progress bookkeeping.
@@ -29,10 +30,13 @@ import torch.nn.functional as F
 from orthomod.config import TrainConfig
 from orthomod.data import load_dataset, normalization
 from orthomod.models import create
+from orthomod.hardware import choose_precision
 from orthomod.train import Trainer
 
+from bench_precision import cpu_model
 
-def hand_written_loop(model_name: str, dataset, steps: int, batch_size: int, warmup: int) -> float:
+
+def hand_written_loop(model_name: str, dataset, steps: int, batch_size: int, warmup: int, precision) -> float:
     torch.manual_seed(0)
     model = create(model_name, init="msra").to(memory_format=torch.channels_last)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -51,7 +55,7 @@ def hand_written_loop(model_name: str, dataset, steps: int, batch_size: int, war
         flip = torch.rand(len(idx)) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
         x = ((x.float() - mean) / std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with precision.autocast(torch.device("cpu")):
             loss = F.cross_entropy(model(x).float(), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -74,7 +78,7 @@ def compare_probes(args) -> None:
     log_every, warmup = 100, 100
     base = TrainConfig(model=args.model, dataset=args.dataset, iterations=args.steps + warmup,
                        batch_size=args.batch_size, log_every=log_every, checkpoint_every=10**9, init="orthonormal",
-                       reg="ortho")
+                       reg="ortho", precision=args.precision)
     with_probes, without = [], []
     for _ in range(args.rounds):
         with_probes.append(trainer_run(base.replace(diagnostics_every=100), warmup_windows=warmup // log_every))
@@ -96,23 +100,26 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--against", choices=("hand", "probes"), default="hand")
+    parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
+    precision = choose_precision(args.precision, torch.device("cpu"))
     if args.against == "probes":
         return compare_probes(args)
 
     log_every, warmup = 10, 10
     config = TrainConfig(model=args.model, dataset=args.dataset, iterations=args.steps + warmup,
                          batch_size=args.batch_size, log_every=log_every, checkpoint_every=10**9,
-                         eval_batch_size=1000, init="msra", reg="l2")
+                         eval_batch_size=1000, init="msra", reg="l2", precision=precision.name)
     dataset = load_dataset(args.dataset)
     ours, hand = [], []
     for _ in range(args.rounds):
         ours.append(trainer_run(config, warmup_windows=warmup // log_every))
-        hand.append(hand_written_loop(args.model, dataset, args.steps, args.batch_size, warmup))
+        hand.append(hand_written_loop(args.model, dataset, args.steps, args.batch_size, warmup, precision))
     result = {
         "model": args.model, "dataset": args.dataset, "batch_size": args.batch_size, "steps": args.steps,
         "rounds": args.rounds, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
+        "machine": platform.machine(), "precision": precision.name, "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "trainer_images_per_s": [round(v, 1) for v in ours], "hand_loop_images_per_s": [round(v, 1) for v in hand],
         "ratio_trainer_over_hand": round(statistics.median(ours) / statistics.median(hand), 4),
     }

@@ -227,3 +227,41 @@ def test_top_rule_catches_compound_drift_that_the_consecutive_band_misses():
         _grads(chain, top)
         ratios = [q / top.moments_after[-1] for q in top.moments_after]
     assert all(0.5 - 1e-12 <= r <= 2.0 + 1e-12 for r in ratios) and sum(top.scaled) == 8
+
+
+# -- no host sync in the backward pass ------------------------------------------------------------
+_HOST_READS = ("item", "__float__", "tolist", "__bool__")
+
+
+class _CountHostReads:
+    """Counts calls of the Tensor methods that copy a value to the host (a GPU sync)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in _HOST_READS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _name=name, _original=original, **kwargs):
+                self.calls.append(_name)
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("tau, rule", [(1.0, "consecutive"), (1.5, "consecutive"), (1.5, "top")])
+def test_backward_reads_nothing_back_to_the_host(monkeypatch, tau, rule):
+    torch.manual_seed(0)
+    model = create("plain20", init="orthonormal")
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    with ErrorModulator(model, tau=tau, rule=rule) as modulator:
+        loss = nn.functional.cross_entropy(model(x), y)
+        counter = _CountHostReads(monkeypatch)
+        float(torch.ones(()))  # the counter sees a host read
+        assert counter.calls == ["__float__"]
+        loss.backward()
+        assert counter.calls == ["__float__"], f"host reads during backward: {counter.calls[1:]}"
+        stats = modulator.statistics()  # the statistics: one transfer for all three lists
+        assert counter.calls[1:] == ["tolist"]
+    assert len(stats["scales"]) == 19 and all(map(math.isfinite, stats["moments_after"]))
+    if tau == 1.0:
+        assert stats["moments_after"] == pytest.approx([stats["moments_after"][-1]] * 19, rel=1e-5)

@@ -44,6 +44,10 @@ def _optional_int(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer number of iterations or 'always', got {text!r}")
 
 
+def _bf16_alias(text: str) -> str:
+    return "bf16" if _bool(text) else "fp32"
+
+
 # flag -> (config key, type, help)
 _TRAIN_FLAGS = {
     "--model": ("model", str, "plain<d> or resnet<d>, d = 6n+2 (e.g. plain44, resnet110)"),
@@ -71,8 +75,9 @@ _TRAIN_FLAGS = {
     "--augment": ("augment", str, "flip (paper), flip-crop or none"),
     "--normalize": ("normalize", str, "pixel (paper) or channel"),
     "--seed": ("seed", int, "seed for init, data order and augmentation"),
-    "--device": ("device", str, "auto, cpu, cuda, cuda:N"),
-    "--bf16": ("bf16", _bool, "bf16 autocast on/off"),
+    "--device": ("device", str, "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"),
+    "--precision": ("precision", str, "auto (bf16 where native: AMX/AVX512-BF16 CPUs, GPUs from compute "
+                                      "capability 8.0; fp16 + grad scaler on older GPUs; else fp32), fp32, bf16, fp16"),
     "--channels-last": ("channels_last", _bool, "channels_last memory format on/off"),
     "--sync-bn": ("sync_bn", _bool, "distributed runs: BN statistics over the global batch on/off"),
     "--log-every": ("log_every", int, "steps between metrics lines"),
@@ -98,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     for flag, (key, kind, text) in _TRAIN_FLAGS.items():
         train.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text)
+    train.add_argument("--bf16", dest="precision", type=_bf16_alias, default=argparse.SUPPRESS,
+                       help="old flag: on = --precision bf16, off = --precision fp32")
 
     evaluate = sub.add_parser("eval", help="re-evaluate a run's checkpoint on the test set")
     evaluate.add_argument("run_dir")
@@ -185,7 +192,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .files import load_checkpoint
     from .models import create
-    from .train import evaluate, make_loaders, resolve_device
+    from .hardware import choose_precision, resolve_device
+    from .train import evaluate, make_loaders
 
     run_dir = Path(args.run_dir)
     config_path = run_dir / "config.json"
@@ -202,7 +210,7 @@ def _eval(args: argparse.Namespace) -> int:
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.load_state_dict(state["model"])
-    loss, acc = evaluate(model, test, device, config.bf16)
+    loss, acc = evaluate(model, test, device, choose_precision(config.precision, device))
     print(json.dumps({"run": str(run_dir), "checkpoint": path.name, "step": state["step"],
                       "test_loss": round(loss, 5), "test_acc": acc}))
     return 0
@@ -262,6 +270,7 @@ def _analyze(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .files import CheckpointError
+    from .hardware import HardwareError
     from .report import ReportError
     from .train import RunError
 
@@ -269,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": _train, "eval": _eval, "presets": _presets, "report": _report, "analyze": _analyze}
     try:
         code = handlers[args.command](args)
-    except (ConfigError, DataError, CheckpointError, RunError, ReportError) as exc:
+    except (ConfigError, DataError, CheckpointError, HardwareError, RunError, ReportError) as exc:
         print(f"orthomod: error: {exc}", file=sys.stderr)
         code = 2
     _leave_process_group(code)

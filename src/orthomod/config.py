@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from .data import DATASETS
+from .hardware import PRECISIONS
 from .init import INIT_SCHEMES
 from .models import parse_model_name
 from .modulation import MODULATION_RULES
@@ -70,8 +71,8 @@ class TrainConfig:
     modulation_rule: str = "consecutive"  # consecutive (the paper) or top
     # run
     seed: int = 0
-    device: str = "auto"                 # auto, cpu, cuda, cuda:1, ...
-    bf16: bool = True                    # bf16 autocast (CPU with AMX: ~1.8x faster)
+    device: str = "auto"                 # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
+    precision: str = "auto"              # auto (bf16 where native, fp16 on older GPUs, else fp32), fp32, bf16, fp16
     channels_last: bool = True
     sync_bn: bool = False                # distributed runs: BN statistics over the global batch
     log_every: int = 50                  # steps between metrics lines
@@ -87,6 +88,7 @@ class TrainConfig:
             "dataset": DATASETS, "augment": ("flip", "flip-crop", "none"), "normalize": ("pixel", "channel"),
             "optimizer": OPTIMIZERS, "schedule": ("step", "cosine", "constant"), "init": INIT_SCHEMES,
             "reg": ("l2", "ortho", "none"), "modulation_rule": MODULATION_RULES, "on_bad_image": ("skip", "error"),
+            "precision": PRECISIONS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -127,6 +129,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+        values = _legacy_bf16(values, source)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -137,6 +140,20 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def _legacy_bf16(values: dict, source: str) -> dict:
+    """The old key ``bf16 = true/false`` (run folders before 2026-11-25) as ``precision``."""
+    if "bf16" not in values:
+        return values
+    if "precision" in values:
+        raise ConfigError(f"{source} gives both bf16 and precision; keep precision (bf16 is its old name)")
+    values = dict(values)
+    flag = values.pop("bf16")
+    if not isinstance(flag, bool):
+        raise ConfigError(f"bf16 = {flag!r} has the wrong type; expected bool (better: precision = \"bf16\" or \"fp32\")")
+    values["precision"] = "bf16" if flag else "fp32"
+    return values
 
 
 def _check_types(config: TrainConfig) -> None:
@@ -201,6 +218,7 @@ def load_config_file(path_or_preset: str) -> dict:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     if "null" in values.values():
         raise ConfigError(f"config file {path}: TOML has no null; leave a key out to keep its default")
+    values = _legacy_bf16(values, str(path))
     TrainConfig.from_dict(values, source=str(path))  # unknown keys fail here, naming the file
     return values
 

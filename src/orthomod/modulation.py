@@ -48,15 +48,30 @@ __all__ = ["ErrorModulator", "MODULATION_RULES"]
 MODULATION_RULES = ("consecutive", "top")
 
 
-def _second_moment(t: torch.Tensor) -> float:
-    # Read the gradient once in its own dtype (a bf16 norm accumulates in float32 and is rounded
-    # once: relative error <= 2^-8): an upcast copy costs three times as much. Norms per sample
-    # first: a reduction to a single number runs on one thread, one with a batch of outputs on
-    # all of them (half the time on 2 cores).
+def _second_moment(t: torch.Tensor) -> torch.Tensor:
+    """Mean of squares of ``t`` as a 0-dim tensor on t's device (float64; float32 on mps).
+
+    The gradient is read once in its own dtype (a bf16 norm accumulates in float32 and is
+    rounded once: relative error <= 2^-8): an upcast copy costs three times as much. fp16 norms
+    are returned in float32, since a scaled loss's errors overflow fp16's range. Norms per sample
+    first: a reduction to a single number runs on one thread, one with a batch of outputs on all
+    of them (half the time on 2 cores). No value leaves the device: a host read here would stall
+    a GPU's queue once per layer.
+    """
     count = t.numel()
+    wide = {"dtype": torch.float32} if t.dtype == torch.float16 else {}
     if t.dim() > 1:
-        t = torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())))
-    return float(torch.linalg.vector_norm(t)) ** 2 / count
+        t = torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())), **wide)
+    norm = torch.linalg.vector_norm(t, **wide)
+    norm = norm.to(torch.float32 if norm.device.type == "mps" else torch.float64)
+    return norm * norm / count
+
+
+def _host_floats(values: list) -> list[float]:
+    """Device tensors, floats and Nones as floats (None: nan), with one device-to-host transfer."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    host = iter(torch.stack(tensors).tolist() if tensors else [])
+    return [math.nan if v is None else next(host) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 @dataclass
@@ -65,7 +80,7 @@ class _Pass:
 
     n_layers: int
     modulate: bool
-    pending: float = 1.0  # product of the factors applied so far in this backward pass
+    pending: torch.Tensor | None = None  # product of the factors applied so far (None: none yet)
     before: list = field(init=False)
     after: list = field(init=False)
     scale: list = field(init=False)
@@ -118,6 +133,7 @@ class ErrorModulator:
         self.ordered_layers: list[nn.Module] = []  # the conv layers in forward order
         self._current: _Pass | None = None
         self._last: _Pass | None = None
+        self._statistics: tuple[_Pass, dict] | None = None  # host copy of _last's numbers
         self._handles = [layer.register_forward_hook(self._forward_hook) for layer in self.layers]
         self._handles += [p.register_hook(self._parameter_hook) for p in model.parameters() if p.requires_grad]
 
@@ -164,23 +180,29 @@ class ErrorModulator:
         return upper
 
     def _backward_hook(self, state: _Pass, index: int, grad: torch.Tensor) -> None:
-        # Moments are host floats: one sync per layer, and the rule's arithmetic costs nothing
-        # next to a tensor op per step of it (this runs 100+ times per backward pass).
-        q = state.pending**2 * _second_moment(grad.detach())
-        scale = 1.0
+        # Moments, the band test and the factors stay 0-dim device tensors (torch.where, never
+        # a Python branch on a value): no host sync per layer. Which layer is the reference is
+        # structure, known on the host.
+        q = _second_moment(grad.detach())
+        if state.pending is not None:
+            q = state.pending**2 * q
         reference = self._reference(state, index) if state.modulate else None
-        if reference is not None and q > 0 and math.isfinite(q):
+        if reference is None:
+            state.before[index] = state.after[index] = q
+            state.scale[index] = 1.0
+        else:
             ratio = reference / q
-            if ratio > self.tau or ratio < 1.0 / self.tau:
-                if self.rule == "consecutive":
-                    target = reference
-                else:  # back to the nearest edge of [q^L / tau, q^L * tau]
-                    target = reference / min(max(ratio, 1.0 / self.tau), self.tau)
-                scale = math.sqrt(target / q)
-        state.pending *= scale
-        state.before[index] = q
-        state.after[index] = q * scale**2
-        state.scale[index] = scale
+            outside = (ratio > self.tau) | (ratio < 1.0 / self.tau)
+            if self.rule == "consecutive":
+                target = reference
+            else:  # back to the nearest edge of [q^L / tau, q^L * tau]
+                target = reference / ratio.clamp(1.0 / self.tau, self.tau)
+            usable = (q > 0) & torch.isfinite(q)
+            scale = torch.where(outside & usable, torch.sqrt(target / q), torch.ones_like(q))
+            state.pending = scale if state.pending is None else state.pending * scale
+            state.before[index] = q
+            state.after[index] = q * scale**2
+            state.scale[index] = scale
         if index == 0:  # the first conv is the last one the backward pass reaches
             self._last = state
 
@@ -188,7 +210,7 @@ class ErrorModulator:
         # Runs as each parameter's gradient is produced, after the modulation of every layer
         # above it (autograd reaches a layer's parameters once the error at its output is known).
         state = self._current
-        if state is None or state.pending == 1.0:
+        if state is None or state.pending is None:
             return None
         return grad * state.pending
 
@@ -206,25 +228,34 @@ class ErrorModulator:
         self.remove()
 
     # -- statistics of the last backward pass -------------------------------------------------
-    def _floats(self, values: list | None) -> list[float]:
-        if values is None:
-            return []
-        return [math.nan if v is None else v for v in values[: len(self._order)]]
+    def statistics(self) -> dict[str, list[float]]:
+        """``moments_before``, ``moments_after`` and ``scales`` of the last backward pass, per
+        layer in forward order (nan: a layer that pass did not reach), read from the device in
+        one transfer."""
+        state = self._last
+        if state is None:
+            return {"moments_before": [], "moments_after": [], "scales": []}
+        if self._statistics is None or self._statistics[0] is not state:
+            n = len(self._order)
+            values = _host_floats(state.before[:n] + state.after[:n] + state.scale[:n])
+            self._statistics = (state, {"moments_before": values[:n], "moments_after": values[n:2 * n],
+                                        "scales": values[2 * n:]})
+        return {key: list(value) for key, value in self._statistics[1].items()}
 
     @property
     def moments_before(self) -> list[float]:
         """Per-layer error second moments of the last backward pass, before modulation."""
-        return self._floats(self._last.before if self._last else None)
+        return self.statistics()["moments_before"]
 
     @property
     def moments_after(self) -> list[float]:
         """Per-layer error second moments of the last backward pass, after modulation."""
-        return self._floats(self._last.after if self._last else None)
+        return self.statistics()["moments_after"]
 
     @property
     def scales(self) -> list[float]:
         """Factor applied to each layer's error in the last backward pass (1.0: untouched)."""
-        return self._floats(self._last.scale if self._last else None)
+        return self.statistics()["scales"]
 
     @property
     def scaled(self) -> list[bool]:

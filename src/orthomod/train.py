@@ -17,7 +17,6 @@ fractions (0.5, 0.75) of the run.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
@@ -37,36 +36,16 @@ from . import diagnostics
 from .data import BatchLoader, DataError, Dataset, load_dataset, normalization
 from .distributed import World, convert_sync_batchnorm
 from .files import load_checkpoint, save_checkpoint, save_json
+from .hardware import Precision, choose_precision, resolve_device
 from .models import create
 from .modulation import ErrorModulator
 from .regularizers import OrthonormalRegularizer, split_decay_parameters
 
-__all__ = ["Trainer", "RunError", "evaluate", "build_optimizer", "lr_factor"]
+__all__ = ["Trainer", "RunError", "evaluate", "train_step", "build_optimizer", "lr_factor"]
 
 
 class RunError(Exception):
     """A run cannot start or resume; the message says why and what to do."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise RunError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"device {name!r} asked for but CUDA is not available here; use --device cpu")
-    return device
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CPU (AMX) and on GPUs that support it; a no-op otherwise."""
-    if not enabled:
-        return contextlib.nullcontext()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -106,15 +85,51 @@ def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
     return factor
 
 
+def train_step(network: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, *,
+               precision: Precision, regularizer: OrthonormalRegularizer | None = None,
+               modulator: ErrorModulator | None = None, scaler: torch.amp.GradScaler | None = None,
+               before_update=None, check_loss=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One iteration of the method; returns the logits and the (unscaled) loss.
+
+    ``check_loss(loss)`` may end the step before any gradient is computed (the trainer's
+    divergence and stop check); ``before_update()`` runs where the gradients of the loss are
+    complete and unscaled, before the regularizer's (the trainer's diagnostics probe).
+    """
+    device = x.device
+    with precision.autocast(device):
+        out = network(x)                           # the modulator's forward hooks note the conv order
+    loss = F.cross_entropy(out.float(), y)
+    if check_loss is not None and not check_loss(loss):
+        return out, loss
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:                         # fp16: scale the loss so small errors do not flush to zero
+        scaler.scale(loss).backward()              # modulation factors are ratios of moments: scale-free
+        scaler.unscale_(optimizer)                 # the regularizer's gradient joins *unscaled* gradients
+    else:
+        loss.backward()                            # modulation happens here, in the backward hooks
+    if before_update is not None:
+        before_update()
+    if regularizer is not None:
+        regularizer.add_grad_()                    # 2 lambda (V V^T - I) V, in place of weight decay
+    if scaler is not None:
+        scaler.step(optimizer)                     # skipped when the fp16 gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    if modulator is not None:
+        modulator.step()                           # counts iterations for until_step
+    return out, loss
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, bf16: bool,
+def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, precision: Precision,
              world: World | None = None) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` over ``loader`` (summed over the processes)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for x, y in loader.epoch():
-        with autocast(device, bf16):
+        with precision.autocast(device):
             out = model(x)
         loss_sum += F.cross_entropy(out.float(), y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
@@ -202,6 +217,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         if self.world.distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", self.world.local_rank)
+        self.precision = choose_precision(config.precision, self.device)
 
     # -- setup --------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -223,6 +239,7 @@ class Trainer:
             self.network = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = build_optimizer(cfg, self.model)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_grad_scaler else None
         self.regularizer = OrthonormalRegularizer(self.model, cfg.reg_coeff) if cfg.reg == "ortho" else None
         self.modulator = None
         if cfg.modulation:
@@ -241,6 +258,8 @@ class Trainer:
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state.get("grad_scaler"):
+                self.scaler.load_state_dict(state["grad_scaler"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise RunError(f"checkpoint {self.run_dir / 'checkpoint.pt'} does not match this run's model or "
                            f"optimizer ({str(exc).splitlines()[0]})") from None
@@ -284,6 +303,7 @@ class Trainer:
         save_checkpoint(self.run_dir / "checkpoint.pt", {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "modulator": self.modulator.state_dict() if self.config.modulation else None,
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "step": self.step, "best_acc": self.best_acc, "best_step": self.best_step,
             "last_eval": self.last_eval, "last_train": self.last_train,
             "wall_time": self._wall_time(), "torch_rng": torch.get_rng_state(),
@@ -312,7 +332,9 @@ class Trainer:
             "settings": {k: getattr(cfg, k) for k in ("model", "dataset", "init", "reg", "reg_coeff", "modulation",
                                                       "modulation_tau", "modulation_until", "modulation_rule",
                                                       "optimizer", "batch_size", "seed")} | {"lr": cfg.learning_rate},
-            "device": str(self.device), "torch": torch.__version__, "machine": platform.machine(),
+            "device": str(self.device), "precision": self.precision.name, "precision_reason": self.precision.reason,
+            "channels_last": cfg.channels_last, "torch": torch.__version__, "machine": platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "skipped_images": getattr(self.train_loader, "skipped", 0) + getattr(self.test_loader, "skipped", 0),
             "updated": datetime.datetime.now().isoformat(timespec="seconds"),
             **extra,
@@ -324,7 +346,7 @@ class Trainer:
         return summary
 
     def _evaluate(self) -> None:
-        loss, acc = evaluate(self.model, self.test_loader, self.device, self.config.bf16, self.world)
+        loss, acc = evaluate(self.model, self.test_loader, self.device, self.precision, self.world)
         self.last_eval = {"kind": "eval", "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
                           "test_loss": loss, "test_acc": acc}
         self._log(self.last_eval)
@@ -361,6 +383,8 @@ class Trainer:
         self._say(f"run folder: {self.run_dir} (step {self.step} of {self.total_steps}, "
                   f"{self.steps_per_epoch} per epoch"
                   + (f", {self.world.world_size} processes)" if self.world.distributed else ")"), None)
+        self._say(f"precision: {self.precision.name} ({self.precision.reason}); channels_last "
+                  f"{'on' if self.config.channels_last else 'off'}; device {self.device}", None)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             return self._train()
@@ -396,24 +420,27 @@ class Trainer:
                     record = cfg.diagnostics_every and (self.step + 1) % cfg.diagnostics_every == 0
                     if self.modulator is not None:
                         self.modulator.monitor = bool(record)
-                    with autocast(self.device, cfg.bf16):
-                        out = self.network(x)
-                    loss = F.cross_entropy(out.float(), y)
-                    loss_value = loss.item()
-                    stop = self._stop_signal is not None
-                    if self.world.distributed:  # every process agrees on divergence and on stopping
-                        total, stops = self.world.all_reduce_sum([loss_value, float(stop)])
-                        loss_value, stop = total / self.world.world_size, stops > 0
+                    seen = {}
+
+                    def check_loss(loss):
+                        loss_value = loss.item()
+                        stop = self._stop_signal is not None
+                        if self.world.distributed:  # every process agrees on divergence and on stopping
+                            total, stops = self.world.all_reduce_sum([loss_value, float(stop)])
+                            loss_value, stop = total / self.world.world_size, stops > 0
+                        seen.update(loss=loss_value, stop=stop)
+                        return math.isfinite(loss_value)
+
+                    def probe_backward():
+                        seen["probe"] = self._probe_backward()
+
+                    out, _ = train_step(self.network, x, y, self.optimizer, precision=self.precision,
+                                        regularizer=self.regularizer, modulator=self.modulator, scaler=self.scaler,
+                                        before_update=probe_backward if record else None, check_loss=check_loss)
+                    loss_value, stop = seen["loss"], seen["stop"]
                     if not math.isfinite(loss_value):
                         return self._diverged(loss_value, bar)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    probe = self._probe_backward() if record else None
-                    if self.regularizer is not None:
-                        self.regularizer.add_grad_()
-                    self.optimizer.step()
-                    if self.modulator is not None:
-                        self.modulator.step()
+                    probe = seen.get("probe")
                     self.step += 1
                     if probe is not None:
                         self._log(self._probe_weights(probe), "diagnostics.jsonl")
@@ -457,9 +484,13 @@ class Trainer:
 
     def _probe_backward(self) -> dict:
         """What only exists between backward() and the update: error moments, loss gradients."""
-        m = self.modulator
-        return {"error_moments_before": m.moments_before, "error_moments_after": m.moments_after,
-                "modulation_scales": m.scales, "grad_norm": diagnostics.gradient_norms(self.model)}
+        stats = self.modulator.statistics()  # one device-to-host transfer
+        if self.scaler is not None:  # fp16: moments of the scaled loss; the factors are scale-free
+            square = self.scaler.get_scale() ** 2
+            for key in ("moments_before", "moments_after"):
+                stats[key] = [q / square for q in stats[key]]
+        return {"error_moments_before": stats["moments_before"], "error_moments_after": stats["moments_after"],
+                "modulation_scales": stats["scales"], "grad_norm": diagnostics.gradient_norms(self.model)}
 
     def _probe_weights(self, probe: dict) -> dict:
         correlation = diagnostics.filter_correlation(self.model)
