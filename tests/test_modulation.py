@@ -4,6 +4,7 @@ With V_k = s_k Q_k (Q_k orthogonal, square) and no nonlinearity, the error at co
 is W_{l+1}^T ... W_L^T e_L, whose second moment is exactly s_{l+1}^2 ... s_L^2 q_L. So the
 factor each rule applies, and the resulting weight gradients, are known in closed form.
 """
+import copy
 import math
 
 import pytest
@@ -253,7 +254,8 @@ def test_backward_reads_nothing_back_to_the_host(monkeypatch, tau, rule):
     torch.manual_seed(0)
     model = create("plain20", init="orthonormal")
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    with ErrorModulator(model, tau=tau, rule=rule) as modulator:
+    # the device path, which accelerators take by default (CPU gradients take host floats)
+    with ErrorModulator(model, tau=tau, rule=rule, rule_on_device=True) as modulator:
         loss = nn.functional.cross_entropy(model(x), y)
         counter = _CountHostReads(monkeypatch)
         float(torch.ones(()))  # the counter sees a host read
@@ -265,3 +267,21 @@ def test_backward_reads_nothing_back_to_the_host(monkeypatch, tau, rule):
     assert len(stats["scales"]) == 19 and all(map(math.isfinite, stats["moments_after"]))
     if tau == 1.0:
         assert stats["moments_after"] == pytest.approx([stats["moments_after"][-1]] * 19, rel=1e-5)
+
+
+@pytest.mark.parametrize("tau, rule", [(1.0, "consecutive"), (1.5, "consecutive"), (1.5, "top"), (4.0, "top")])
+def test_device_and_host_rules_give_the_same_bits(tau, rule):
+    torch.manual_seed(0)
+    base = create("plain14", init="orthonormal").double()
+    x, y = torch.randn(6, 3, 16, 16, dtype=torch.float64), torch.randint(0, 10, (6,))
+    results = []
+    for on_device in (True, False):
+        model = copy.deepcopy(base)
+        with ErrorModulator(model, tau=tau, rule=rule, rule_on_device=on_device) as modulator:
+            for _ in range(2):
+                model.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+            results.append(([p.grad for p in model.parameters()], modulator.statistics()))
+    (grads_device, stats_device), (grads_host, stats_host) = results
+    assert stats_device == stats_host and any(s != 1.0 for s in stats_host["scales"])
+    assert all(torch.equal(a, b) for a, b in zip(grads_device, grads_host))

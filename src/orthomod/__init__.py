@@ -7,6 +7,11 @@ in any PyTorch training loop:
 - :class:`orthomod.regularizers.OrthonormalRegularizer` (replaces L2 weight decay)
 - :class:`orthomod.modulation.ErrorModulator` (backward error modulation)
 - :func:`orthomod.models.create` (CIFAR plain and residual networks)
+- :mod:`orthomod.diagnostics` (filter correlation, error moments, the BN Jacobian)
+
+Those modules are the library: they need only torch and import nothing of the application
+(``train``, ``data``, ``folder_data``, ``config``, ``files``, ``hardware``, ``distributed``,
+``report``, ``cli``), which runs experiments with them; tests/test_layering.py checks it.
 """
 from . import init, models, modulation, regularizers
 from .init import init_model_, orthonormal_

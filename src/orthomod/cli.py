@@ -9,21 +9,28 @@
     orthomod report runs/A runs/B --out report   # figures and a comparison table
     orthomod analyze bn-jacobian --out figs      # the BN Jacobian's eigenvalues against rho^2
 
-Invalid input gives a one-line error and exit code 2.
+Exit codes: 0 done; 2 invalid input or an unusable file, folder or machine (a one-line error);
+3 the run diverged (summary.json says where; the last good checkpoint, if any, stays); 128 + N
+stopped by signal N after writing a checkpoint (130 for Ctrl-C, 143 for SIGTERM).
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import math
 import os
 import signal
 import sys
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, list_presets, load_config_file
+from .errors import OrthomodError
 
-__all__ = ["main"]
+__all__ = ["main", "EXIT_INVALID", "EXIT_DIVERGED"]
+
+EXIT_INVALID = 2   # bad input: one line on stderr
+EXIT_DIVERGED = 3  # training diverged: summary.json holds the step and per-layer statistics
 
 
 def _bool(text: str) -> bool:
@@ -60,9 +67,13 @@ _TRAIN_FLAGS = {
     "--optimizer": ("optimizer", str, "sgd, nesterov, adagrad, adadelta, rmsprop or adam"),
     "--schedule": ("schedule", str, "step (paper), cosine or constant"),
     "--warmup-steps": ("warmup_steps", int, "linear lr warm-up steps"),
-    "--init": ("init", str, "msra or orthonormal"),
-    "--reg": ("reg", str, "l2, ortho or none"),
-    "--reg-coeff": ("reg_coeff", float, "weight decay / orthonormality lambda (paper: 1e-4)"),
+    "--init": ("init", str, "msra, orthonormal, delta-orthogonal or dirac"),
+    "--reg": ("reg", str, "l2, ortho (the paper's), srip, conv-ortho or none"),
+    "--reg-coeff": ("reg_coeff", float, "weight decay / lambda (default per reg: l2, ortho 1e-4; srip 1e-2; "
+                                        "conv-ortho 0.1)"),
+    "--activation": ("activation", str, "relu or srelu (ISONet; plain nets)"),
+    "--norm": ("norm", str, "bn or none (plain nets; without BN the convs get a bias)"),
+    "--parametrization": ("parametrization", str, "none or dirac (DiracNets; train with --reg l2)"),
     "--modulation": ("modulation", _bool, "backward error modulation on/off"),
     "--modulation-tau": ("modulation_tau", float, "modulate when consecutive moments differ by more than tau"),
     "--modulation-until": ("modulation_until", _optional_int, "modulate during the first N iterations ('always')"),
@@ -165,10 +176,7 @@ def _train_in(args: argparse.Namespace, world) -> int:
             given += [flag for flag, (key, _, _) in _TRAIN_FLAGS.items() if key in overrides]
             raise ConfigError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
         run_dir = Path(args.resume)
-        config_path = run_dir / "config.json"
-        if not config_path.is_file():
-            raise ConfigError(f"{run_dir} is not a run folder (no config.json); give the folder a run was written to")
-        config = TrainConfig.from_dict(json.loads(config_path.read_text()), source=str(config_path))
+        config = _run_config(run_dir)
         trainer = Trainer(config, run_dir=run_dir, resume=True, progress=not args.no_progress, world=world)
     else:
         values = load_config_file(args.config) if args.config else {}
@@ -184,32 +192,44 @@ def _train_in(args: argparse.Namespace, world) -> int:
         print(json.dumps({"run": str(trainer.run_dir)} | {k: summary[k] for k in keys}))
     if summary["status"] == "interrupted":  # the shell's convention for a signal: 128 + its number
         return 128 + signal.Signals[summary["signal"]].value
-    return 0
+    return EXIT_DIVERGED if summary["status"] == "diverged" else 0
+
+
+def _run_config(run_dir: Path) -> TrainConfig:
+    """The saved config of a run folder, or a one-line error."""
+    from .files import load_json
+
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.json); give the folder a run was written to")
+    return TrainConfig.from_dict(load_json(config_path), source=str(config_path))
 
 
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from .files import load_checkpoint
-    from .models import create
     from .hardware import choose_precision, resolve_device
-    from .train import evaluate, make_loaders
+    from .train import build_model, evaluate, make_loaders
 
     run_dir = Path(args.run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise ConfigError(f"{run_dir} is not a run folder (no config.json)")
-    config = TrainConfig.from_dict(json.loads(config_path.read_text()), source=str(config_path))
+    config = _run_config(run_dir)
     if args.data:
         config.data = args.data
     device = resolve_device(args.device)
     path = run_dir / ("checkpoint.pt" if args.checkpoint == "last" else "best.pt")
-    state = load_checkpoint(path, map_location=device)
+    missing = ("best.pt is written at the run's first evaluation (every epoch end); use --checkpoint last"
+               if args.checkpoint == "best" else "the run has not written one yet")
+    state = load_checkpoint(path, map_location=device, missing=missing)
     _, test, classes = make_loaders(config, device)
-    model = create(config.model, num_classes=len(classes), init=None).to(device)
+    model = build_model(config, len(classes)).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ConfigError(f"{path} does not hold the weights of {config.model} that {run_dir / 'config.json'} "
+                          f"names ({str(exc).splitlines()[0]}); restore the run folder's files") from None
     loss, acc = evaluate(model, test, device, choose_precision(config.precision, device))
     print(json.dumps({"run": str(run_dir), "checkpoint": path.name, "step": state["step"],
                       "test_loss": round(loss, 5), "test_acc": acc}))
@@ -227,6 +247,7 @@ def _presets(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
+    _output_folder(args.out)
     out = write_report(args.run_dirs, args.out)
     print(f"wrote {out / 'report.md'}, {out / 'report.html'} and {len(list(out.glob('*.png')))} figures")
     return 0
@@ -237,8 +258,15 @@ def _analyze(args: argparse.Namespace) -> int:
 
     from .diagnostics import bn_jacobian
 
-    if args.batch < 3:
-        raise ConfigError(f"--batch must be at least 3, got {args.batch}")
+    if not 3 <= args.batch <= MAX_JACOBIAN_BATCH:
+        raise ConfigError(f"--batch must be between 3 and {MAX_JACOBIAN_BATCH} (the Jacobian has batch^2 float64 "
+                          f"entries: {8 * MAX_JACOBIAN_BATCH**2 >> 20} MiB at the limit), got {args.batch}")
+    if not math.isfinite(args.gamma):
+        raise ConfigError(f"--gamma must be a finite number, got {args.gamma}")
+    if not (math.isfinite(args.eps) and args.eps > 0):
+        raise ConfigError(f"--eps must be a finite number > 0, got {args.eps}")
+    if args.out:
+        _output_folder(args.out)
     generator = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, dtype=torch.float64, generator=generator)
     result = bn_jacobian(x, gamma=args.gamma, eps=args.eps)
@@ -267,20 +295,29 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
-    from .files import CheckpointError
-    from .hardware import HardwareError
-    from .report import ReportError
-    from .train import RunError
+MAX_JACOBIAN_BATCH = 4096
 
+
+def _output_folder(path: str) -> Path:
+    """Create an output folder, or a one-line error saying why it cannot be."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--out {folder} is a file; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the output folder {folder} ({exc.strerror or exc}); choose another --out") from None
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"train": _train, "eval": _eval, "presets": _presets, "report": _report, "analyze": _analyze}
     try:
         code = handlers[args.command](args)
-    except (ConfigError, DataError, CheckpointError, HardwareError, RunError, ReportError) as exc:
+    except OrthomodError as exc:
         print(f"orthomod: error: {exc}", file=sys.stderr)
-        code = 2
+        code = EXIT_INVALID
     _leave_process_group(code)
     return code
 

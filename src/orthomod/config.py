@@ -7,6 +7,7 @@ saved in every run folder as ``config.json``. Presets are TOML files shipped in
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -15,10 +16,12 @@ from importlib import resources
 from pathlib import Path
 
 from .data import DATASETS
+from .errors import OrthomodError
 from .hardware import PRECISIONS
 from .init import INIT_SCHEMES
-from .models import parse_model_name
+from .models import ACTIVATIONS, NORMS, parse_model_name
 from .modulation import MODULATION_RULES
+from .regularizers import DEFAULT_COEFF, REGULARIZERS
 
 __all__ = ["TrainConfig", "ConfigError", "load_config_file", "list_presets", "OPTIMIZERS"]
 
@@ -28,7 +31,7 @@ OPTIMIZERS = ("sgd", "nesterov", "adagrad", "adadelta", "rmsprop", "adam")
 DEFAULT_LR = {"sgd": 0.1, "nesterov": 0.1, "adagrad": 0.01, "adadelta": 1.0, "rmsprop": 1e-3, "adam": 1e-3}
 
 
-class ConfigError(ValueError):
+class ConfigError(OrthomodError, ValueError):
     """A config value or key is invalid; the message says which and what is allowed."""
 
 
@@ -61,10 +64,13 @@ class TrainConfig:
     lr_decay: float = 0.1
     warmup_steps: int = 0                # linear warm-up from lr/10 (He et al. used 0.01 for 110 layers)
     # the method
-    init: str = "msra"                   # msra or orthonormal (or default)
-    reg: str = "l2"                      # l2 (weight decay), ortho (orthonormality), none
-    reg_coeff: float = 1e-4              # weight decay / lambda
+    init: str = "msra"                   # msra, orthonormal, delta-orthogonal, dirac (or default)
+    reg: str = "l2"                      # l2 (weight decay), ortho (orthonormality), srip, conv-ortho, none
+    reg_coeff: float | None = None       # weight decay / lambda; None: per reg (l2, ortho 1e-4; srip 1e-2; conv-ortho 0.1)
     decay_bn_bias: bool = False          # also L2-decay BN parameters and biases (off: METHOD.md 3)
+    activation: str = "relu"             # relu or srelu (ISONet); srelu for plain nets only
+    norm: str = "bn"                     # bn or none (no BN: the convs get a bias); plain nets only
+    parametrization: str = "none"        # none or dirac (DiracNets: W = a delta + b W/|W|, trained with l2)
     modulation: bool = False
     modulation_tau: float = 1.0          # band [1/tau, tau]; 1 = every layer ("always")
     modulation_until: int | None = None  # modulate in the first n iterations; None = all
@@ -84,19 +90,37 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         _check_types(self)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            for number in value if isinstance(value, list) else [value]:
+                if isinstance(number, float) and not math.isfinite(number):
+                    raise ConfigError(f"{f.name} must be a finite number, got {number}")
+        if self.name is not None and (not self.name or self.name in (".", "..") or "/" in self.name
+                                      or "\\" in self.name):
+            raise ConfigError(f"name = {self.name!r} must be a plain folder name (no path separators); "
+                              "use --out for the parent folder")
         choices = {
             "dataset": DATASETS, "augment": ("flip", "flip-crop", "none"), "normalize": ("pixel", "channel"),
             "optimizer": OPTIMIZERS, "schedule": ("step", "cosine", "constant"), "init": INIT_SCHEMES,
-            "reg": ("l2", "ortho", "none"), "modulation_rule": MODULATION_RULES, "on_bad_image": ("skip", "error"),
-            "precision": PRECISIONS,
+            "reg": ("l2", *REGULARIZERS, "none"), "modulation_rule": MODULATION_RULES,
+            "on_bad_image": ("skip", "error"), "precision": PRECISIONS, "activation": ACTIVATIONS, "norm": NORMS,
+            "parametrization": ("none", "dirac"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is not valid; choose one of {', '.join(allowed)}")
         try:
-            parse_model_name(self.model)
+            family, _ = parse_model_name(self.model)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if (self.activation, self.norm) != ("relu", "bn") and family != "plain":
+            raise ConfigError(f"activation {self.activation} and norm {self.norm} are built for the CIFAR plain nets "
+                              f"(plain<d>), not {self.model}; use --activation relu --norm bn")
+        if self.parametrization == "dirac" and self.reg in REGULARIZERS:
+            raise ConfigError(f"reg {self.reg} acts on each conv's weight, which the dirac parametrization computes "
+                              "from a, b and W; DiracNets train W with weight decay: use --reg l2 (or none)")
+        if self.reg_coeff is None:
+            self.reg_coeff = DEFAULT_COEFF.get(self.reg, 1e-4)
         if (self.epochs is None) == (self.iterations is None):
             raise ConfigError("give exactly one of epochs or iterations (--epochs N or --iterations N)")
         positive = {"batch_size": self.batch_size, "log_every": self.log_every, "eval_batch_size": self.eval_batch_size,

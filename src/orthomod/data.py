@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import OrthomodError
+
 __all__ = ["Dataset", "load_dataset", "load_cifar10", "make_shapes", "BatchLoader", "DataError", "DATASETS"]
 
 DATASETS = ("shapes", "cifar10", "folder")
@@ -37,7 +39,7 @@ _CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 SHAPE_CLASSES = ("disk", "ring", "square", "frame", "triangle", "plus", "cross", "ellipse", "diamond", "crescent")
 
 
-class DataError(Exception):
+class DataError(OrthomodError):
     """A dataset is missing, unreadable or misconfigured; the message says how to fix it."""
 
 
@@ -123,8 +125,15 @@ def _unpickle(path: Path) -> dict:
 def load_cifar10(data_dir: str | os.PathLike | None = None, download: bool = True) -> Dataset:
     """CIFAR-10 as uint8 tensors, from ``data_dir``, ``$ORTHOMOD_DATA`` or the cache folder."""
     (root,) = _cifar_candidates(data_dir)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data path {root} is a file; give the folder that holds {CIFAR10_FOLDER}/")
     folder = _batches_folder(root)
     if folder is None:
+        for partial in (root / CIFAR10_FOLDER, root):
+            missing = [name for name in _CIFAR10_FILES if not (partial / name).is_file()]
+            if len(missing) < len(_CIFAR10_FILES):
+                raise DataError(f"CIFAR-10 folder {partial} lacks {', '.join(missing)}; re-create it from the "
+                                "official python version (or delete it to download again)")
         if data_dir is not None and not root.exists():
             raise DataError(f"data folder {root} does not exist; pass --data DIR holding {CIFAR10_FOLDER}/")
         if not download:

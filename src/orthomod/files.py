@@ -1,31 +1,49 @@
-"""Atomic writes: a file is either its old version or its complete new one, never half of one.
+"""Run-folder files: atomic writes, checked reads, and a lock that keeps one process per folder.
 
-Each write goes to a temporary file in the same folder, is flushed to disk, then renamed over
-the target (``os.replace`` is atomic on POSIX and Windows).
+Each write goes to a temporary file of a name no other process uses, in the same folder, is
+flushed to disk, then renamed over the target (``os.replace`` is atomic on POSIX and Windows):
+a file is either its old version or its complete new one, never half of one. A failed write
+leaves no temporary file behind.
+
+:class:`RunLock` holds an OS lock (``flock``) on ``<run>/.lock`` while a process trains in the
+folder. The kernel releases it when the process ends, however it ends (kill -9 included), so a
+stale lock cannot outlive its process.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 
 import torch
 
-__all__ = ["save_json", "save_checkpoint", "load_checkpoint", "CheckpointError"]
+from .errors import OrthomodError
+
+__all__ = ["save_json", "load_json", "save_checkpoint", "load_checkpoint", "CheckpointError", "RunFolderError",
+           "RunLock"]
 
 
-class CheckpointError(Exception):
+class CheckpointError(OrthomodError):
     """A checkpoint cannot be read; the message names the file and what to do."""
 
 
+class RunFolderError(OrthomodError):
+    """A run folder's file is missing, unreadable or in use; the message names it and what to do."""
+
+
 def _replace_from_tmp(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _finite_json(value):
@@ -44,14 +62,32 @@ def save_json(path: Path, payload) -> None:
     _replace_from_tmp(Path(path), lambda f: f.write(text.encode()))
 
 
+def load_json(path: Path) -> dict:
+    """A run folder's JSON object (config.json, summary.json), or a one-line error naming the file."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunFolderError(f"{path} does not exist; is {path.parent} a run folder?") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunFolderError(f"cannot read {path} ({getattr(exc, 'strerror', None) or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise RunFolderError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}); "
+                             "restore it from a copy or delete the run folder") from None
+    if not isinstance(value, dict):
+        raise RunFolderError(f"{path} does not hold a JSON object; restore it from a copy or delete the run folder")
+    return value
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     _replace_from_tmp(Path(path), lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
+def load_checkpoint(path: Path, map_location="cpu", missing: str = "the run has not written one yet (nothing to resume)"
+                    ) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; the run has not written one yet (nothing to resume)")
+        raise CheckpointError(f"no checkpoint at {path}; {missing}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated, overwritten or foreign file
@@ -62,3 +98,34 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"checkpoint {path} is not an orthomod checkpoint (no model state or step)")
     return state
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of this object (or its process).
+
+    Where ``fcntl`` does not exist (Windows) no lock is taken.
+    """
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+        self._file = open(self.path, "a+")
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise RunFolderError(f"run folder {folder} is in use by {holder}; wait for it to end, "
+                                 "or choose another --name") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"orthomod process {os.getpid()}")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()

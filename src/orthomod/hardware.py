@@ -21,13 +21,15 @@ from pathlib import Path
 
 import torch
 
+from .errors import OrthomodError
+
 __all__ = ["PRECISIONS", "Precision", "HardwareError", "resolve_device", "choose_precision", "cpu_bf16_feature"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST_DTYPE = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class HardwareError(ValueError):
+class HardwareError(OrthomodError, ValueError):
     """A device or precision was asked for that this machine cannot run; the message says what to use."""
 
 
@@ -125,7 +127,7 @@ def choose_precision(requested: str, device: torch.device) -> Precision:
     feature = cpu_bf16_feature()
     if requested == "auto":
         if feature is not None:
-            return Precision("bf16", f"auto: this CPU has {feature}, bf16 is native (about 1.8x faster than fp32 with AMX)")
+            return Precision("bf16", f"auto: this CPU has {feature}, so bf16 is native")
         return Precision("fp32", f"auto: this CPU ({capability}) has no native bf16; emulated bf16 would be many times slower")
     if requested == "bf16" and feature is None:
         return Precision("bf16", f"asked for; this CPU ({capability}) has no native bf16: emulated, expect it "

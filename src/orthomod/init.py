@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["orthonormal_", "group_slices", "init_model_", "INIT_SCHEMES"]
+__all__ = ["orthonormal_", "delta_orthogonal_", "dirac_delta", "group_slices", "init_model_", "INIT_SCHEMES"]
 
-INIT_SCHEMES = ("orthonormal", "msra", "default")
+INIT_SCHEMES = ("orthonormal", "msra", "default", "delta-orthogonal", "dirac")
 
 
 def group_slices(f_out: int, f_in: int) -> list[slice]:
@@ -66,6 +66,64 @@ def orthonormal_(
     return tensor
 
 
+def _semi_orthogonal(rows: int, cols: int, generator: torch.Generator | None) -> torch.Tensor:
+    """A ``(rows, cols)`` float64 matrix with orthonormal columns (rows >= cols) or rows, drawn
+    uniformly (the Q factor of a Gaussian matrix with the signs of R's diagonal folded in)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    gaussian = torch.randn(max(rows, cols), min(rows, cols), dtype=torch.float64, device=device,
+                           generator=generator).cpu()
+    q, r = torch.linalg.qr(gaussian)
+    q = q * torch.sign(torch.diagonal(r)).masked_fill(torch.diagonal(r) == 0, 1.0)
+    return q if rows >= cols else q.T
+
+
+def _conv_centre(tensor: torch.Tensor, what: str) -> tuple[int, ...]:
+    if not tensor.is_floating_point():
+        raise TypeError(f"{what} needs a floating-point tensor, got {tensor.dtype}")
+    if tensor.dim() not in (3, 4, 5) or tensor.numel() == 0:
+        raise ValueError(f"{what} takes a non-empty Conv1d/2d/3d weight (C_out, C_in, k, ...), got shape "
+                         f"{tuple(tensor.shape)}")
+    kernel = tuple(tensor.shape[2:])
+    if any(k % 2 == 0 for k in kernel):
+        raise ValueError(f"{what} needs odd kernel sizes (a centre tap), got kernel {kernel}")
+    return tuple(k // 2 for k in kernel)
+
+
+def delta_orthogonal_(tensor: torch.Tensor, gain: float = 1.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Delta-orthogonal init (Xiao et al. 2018): every tap zero but the kernel's centre, which
+    holds ``gain`` times a random ``(C_out, C_in)`` matrix with orthonormal columns when
+    ``C_out >= C_in`` (the conv then preserves the norm of every input, times ``gain``, with zero
+    padding and stride 1) and orthonormal rows otherwise. PyTorch's layout, odd kernels.
+
+    >>> w = delta_orthogonal_(torch.empty(32, 16, 3, 3, dtype=torch.float64))
+    >>> x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
+    >>> y = torch.nn.functional.conv2d(x, w, padding=1)
+    >>> torch.allclose(y.norm(), x.norm())
+    True
+    """
+    centre = _conv_centre(tensor, "delta_orthogonal_")
+    matrix = gain * _semi_orthogonal(tensor.shape[0], tensor.shape[1], generator)
+    with torch.no_grad():
+        tensor.zero_()
+        tensor[(slice(None), slice(None)) + centre] = matrix.to(tensor.dtype)
+    return tensor
+
+
+def dirac_delta(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The identity kernel of a conv weight shape, also where ``C_out != C_in`` (DiracNets):
+    output channel ``o`` copies input channel ``o mod C_in`` when ``C_out > C_in``, and sums
+    input channels ``o, o + C_out, ...`` when ``C_out < C_in``. With ``C_out == C_in`` it is
+    ``torch.nn.init.dirac_``."""
+    delta = torch.zeros(shape, dtype=dtype)
+    centre = _conv_centre(delta, "dirac_delta")
+    c_out, c_in = shape[0], shape[1]
+    for o in range(c_out):
+        for i in range(o % c_in, c_in, c_out) if c_out < c_in else [o % c_in]:
+            delta[(o, i) + centre] = 1.0
+    return delta
+
+
 def _is_weighted_layer(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
 
@@ -78,13 +136,24 @@ def init_model_(model: nn.Module, scheme: str = "msra", generator: torch.Generat
       - ``"msra"``: He normal with ``fan_out`` for convs, as in the ResNet protocol; linear
         layers keep PyTorch's default uniform init.
       - ``"default"``: PyTorch's own ``reset_parameters``.
-    In every scheme biases are zero and BN starts at ``gamma = 1, beta = 0``.
+      - ``"delta-orthogonal"``: conv weights by :func:`delta_orthogonal_`, linear weights by a
+        semi-orthogonal matrix (Xiao et al. 2018).
+      - ``"dirac"``: conv weights by :func:`dirac_delta` (identity, DiracNets' repeat where the
+        width changes); linear layers keep PyTorch's default init (ISONet's Dirac init).
+    In every scheme biases are zero and BN starts at ``gamma = 1, beta = 0``. A layer a scheme
+    cannot initialize (an even kernel under delta-orthogonal or dirac, a grouped conv) raises a
+    ``ValueError`` that names it.
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown init scheme {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
-    for module in model.modules():
+    for name, module in model.named_modules():
         if _is_weighted_layer(module):
-            if scheme == "orthonormal":
+            if scheme in ("delta-orthogonal", "dirac") and not isinstance(module, nn.Linear):
+                _init_identity_like(name, module, scheme, generator)
+            elif scheme == "delta-orthogonal":
+                with torch.no_grad():
+                    module.weight.copy_(_semi_orthogonal(*module.weight.shape, generator))
+            elif scheme == "orthonormal":
                 orthonormal_(module.weight, generator=generator)
             elif scheme == "msra" and not isinstance(module, nn.Linear):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu", generator=generator)
@@ -96,3 +165,16 @@ def init_model_(model: nn.Module, scheme: str = "msra", generator: torch.Generat
             module.reset_parameters()
     return model
 
+
+
+def _init_identity_like(name: str, conv: nn.Module, scheme: str, generator: torch.Generator | None) -> None:
+    if getattr(conv, "groups", 1) != 1:
+        raise ValueError(f"init {scheme!r} is defined for ungrouped convs; layer {name!r} has groups={conv.groups}")
+    try:
+        if scheme == "dirac":
+            with torch.no_grad():
+                conv.weight.copy_(dirac_delta(tuple(conv.weight.shape), conv.weight.dtype))
+        else:
+            delta_orthogonal_(conv.weight, generator=generator)
+    except ValueError as exc:
+        raise ValueError(f"init {scheme!r} cannot initialize layer {name!r}: {exc}") from None

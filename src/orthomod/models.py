@@ -24,10 +24,14 @@ import torch
 from torch import nn
 
 from .init import init_model_
+from .layers import SReLU
 
-__all__ = ["create", "parse_model_name", "list_models", "is_imagenet_model", "plain_cifar", "resnet_cifar", "PAPER_DEPTHS"]
+__all__ = ["create", "parse_model_name", "list_models", "is_imagenet_model", "plain_cifar", "resnet_cifar", "PAPER_DEPTHS",
+           "ACTIVATIONS", "NORMS"]
 
 PAPER_DEPTHS = (20, 32, 44, 56, 110)
+ACTIVATIONS = ("relu", "srelu")
+NORMS = ("bn", "none")
 _WIDTHS = (16, 32, 64)
 
 
@@ -41,13 +45,21 @@ def _stage_layers(depth: int) -> int:
 
 
 class ConvBNReLU(nn.Sequential):
-    """One Conv-BN-ReLU triple (the conv has no bias: BN's shift replaces it)."""
+    """One Conv-BN-ReLU triple (the conv has no bias: BN's shift replaces it).
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    ``norm="none"`` puts an identity in BN's place and gives the conv a bias;
+    ``activation="srelu"`` uses :class:`orthomod.layers.SReLU` (ISONet) instead of ReLU.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, activation: str = "relu",
+                 norm: str = "bn"):
+        if activation not in ACTIVATIONS or norm not in NORMS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)} and norm one of {', '.join(NORMS)}; "
+                             f"got {activation!r} and {norm!r}")
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=norm == "none"),
+            nn.BatchNorm2d(out_channels) if norm == "bn" else nn.Identity(),
+            nn.ReLU(inplace=True) if activation == "relu" else SReLU(out_channels),
         )
 
 
@@ -60,9 +72,9 @@ class _Head(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def _cifar_body(per_stage: int, make_layer: Callable[[int, int, int], nn.Module]) -> list[nn.Module]:
+def _cifar_body(per_stage: int, make_layer: Callable[[int, int, int], nn.Module], **stem) -> list[nn.Module]:
     """The stem conv and three stages of ``per_stage`` layers (stride 2 entering stages 2, 3)."""
-    layers = [ConvBNReLU(3, _WIDTHS[0])]
+    layers = [ConvBNReLU(3, _WIDTHS[0], **stem)]
     in_channels = _WIDTHS[0]
     for stage, width in enumerate(_WIDTHS):
         for i in range(per_stage):
@@ -74,9 +86,11 @@ def _cifar_body(per_stage: int, make_layer: Callable[[int, int, int], nn.Module]
 class PlainNet(nn.Sequential):
     """``depth - 1`` Conv-BN-ReLU triples and a linear classifier, no shortcuts."""
 
-    def __init__(self, depth: int, num_classes: int = 10):
+    def __init__(self, depth: int, num_classes: int = 10, activation: str = "relu", norm: str = "bn"):
         n = _stage_layers(depth)
-        super().__init__(*_cifar_body(2 * n, ConvBNReLU), _Head(_WIDTHS[-1], num_classes))
+        layer = lambda i, o, s: ConvBNReLU(i, o, s, activation, norm)  # noqa: E731
+        super().__init__(*_cifar_body(2 * n, layer, activation=activation, norm=norm),
+                         _Head(_WIDTHS[-1], num_classes))
         self.depth = depth
 
 
@@ -108,8 +122,8 @@ class ResNet(nn.Sequential):
         self.depth = depth
 
 
-def plain_cifar(depth: int, num_classes: int = 10) -> PlainNet:
-    return PlainNet(depth, num_classes)
+def plain_cifar(depth: int, num_classes: int = 10, **layer) -> PlainNet:
+    return PlainNet(depth, num_classes, **layer)
 
 
 def resnet_cifar(depth: int, num_classes: int = 10) -> ResNet:
@@ -160,16 +174,24 @@ def parse_model_name(name: str) -> tuple[str, int]:
     return family, depth
 
 
-def create(name: str, num_classes: int | None = None, init: str | None = "msra") -> nn.Module:
+def create(name: str, num_classes: int | None = None, init: str | None = "msra", activation: str = "relu",
+           norm: str = "bn") -> nn.Module:
     """Build a model by name (``plain44``, ``imagenet-resnet50``, ...) and initialize it.
 
     ``num_classes`` defaults to 10 for the CIFAR nets and 1000 for the ImageNet nets; ``init``
     is a scheme of :func:`orthomod.init.init_model_` or None for PyTorch's defaults.
+    ``activation="srelu"`` and ``norm="none"`` (ISONet's pieces) exist for the CIFAR plain nets.
     """
     family, depth = parse_model_name(name)
     if num_classes is None:
         num_classes = 1000 if family.startswith("imagenet-") else 10
-    model = _FAMILIES[family](depth, num_classes=num_classes)
+    layer = {}
+    if (activation, norm) != ("relu", "bn"):
+        if family != "plain":
+            raise ValueError(f"activation {activation!r} and norm {norm!r} are built for the CIFAR plain nets "
+                             f"(plain<d>), not {name!r}")
+        layer = {"activation": activation, "norm": norm}
+    model = _FAMILIES[family](depth, num_classes=num_classes, **layer)
     if init is not None:
         init_model_(model, init)
     return model

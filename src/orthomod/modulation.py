@@ -48,23 +48,19 @@ __all__ = ["ErrorModulator", "MODULATION_RULES"]
 MODULATION_RULES = ("consecutive", "top")
 
 
-def _second_moment(t: torch.Tensor) -> torch.Tensor:
-    """Mean of squares of ``t`` as a 0-dim tensor on t's device (float64; float32 on mps).
+def _root_sum_of_squares(t: torch.Tensor) -> torch.Tensor:
+    """``||t||`` as a 0-dim tensor on t's device, in t's dtype (float32 for fp16).
 
     The gradient is read once in its own dtype (a bf16 norm accumulates in float32 and is
     rounded once: relative error <= 2^-8): an upcast copy costs three times as much. fp16 norms
     are returned in float32, since a scaled loss's errors overflow fp16's range. Norms per sample
     first: a reduction to a single number runs on one thread, one with a batch of outputs on all
-    of them (half the time on 2 cores). No value leaves the device: a host read here would stall
-    a GPU's queue once per layer.
+    of them (half the time on 2 cores). The result stays on the device.
     """
-    count = t.numel()
     wide = {"dtype": torch.float32} if t.dtype == torch.float16 else {}
     if t.dim() > 1:
         t = torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())), **wide)
-    norm = torch.linalg.vector_norm(t, **wide)
-    norm = norm.to(torch.float32 if norm.device.type == "mps" else torch.float64)
-    return norm * norm / count
+    return torch.linalg.vector_norm(t, **wide)
 
 
 def _host_floats(values: list) -> list[float]:
@@ -80,7 +76,7 @@ class _Pass:
 
     n_layers: int
     modulate: bool
-    pending: torch.Tensor | None = None  # product of the factors applied so far (None: none yet)
+    pending: torch.Tensor | float | None = None  # product of the factors applied so far (None: 1)
     before: list = field(init=False)
     after: list = field(init=False)
     scale: list = field(init=False)
@@ -101,6 +97,9 @@ class ErrorModulator:
         rule: ``"consecutive"`` or ``"top"`` (see the module docstring).
         monitor: record the per-layer moments even when not modulating (for diagnostics);
             otherwise no moment is computed once modulation has stopped.
+        rule_on_device: compute the rule with device tensors (no host sync in the backward
+            pass) or with host floats; ``None`` (default): device tensors on accelerators, host
+            floats for CPU gradients, where reading a value waits for nothing. Same results.
 
     After each backward pass, :attr:`moments_before`, :attr:`moments_after` (per layer, forward
     order) and :attr:`scales` (the factor applied to each layer's error, 1.0 when untouched)
@@ -114,6 +113,7 @@ class ErrorModulator:
         until_step: int | None = None,
         rule: str = "consecutive",
         monitor: bool = False,
+        rule_on_device: bool | None = None,
     ):
         if not tau >= 1.0:
             raise ValueError(f"tau must be >= 1 (1 modulates every layer), got {tau}")
@@ -125,6 +125,7 @@ class ErrorModulator:
         self.until_step = until_step
         self.rule = rule
         self.monitor = monitor
+        self.rule_on_device = rule_on_device
         self.step_count = 0
         self.layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
         if not self.layers:
@@ -180,10 +181,17 @@ class ErrorModulator:
         return upper
 
     def _backward_hook(self, state: _Pass, index: int, grad: torch.Tensor) -> None:
-        # Moments, the band test and the factors stay 0-dim device tensors (torch.where, never
-        # a Python branch on a value): no host sync per layer. Which layer is the reference is
-        # structure, known on the host.
-        q = _second_moment(grad.detach())
+        # On an accelerator, moments, the band test and the factors stay 0-dim device tensors
+        # (torch.where, never a Python branch on a value): no host sync per layer. On the CPU a
+        # host read waits for nothing, and the same arithmetic on Python floats costs a third of
+        # the ~15 tensor ops per layer (docs/PERFORMANCE.md); both give the same bits.
+        # Which layer is the reference is structure, known on the host.
+        norm = _root_sum_of_squares(grad.detach())
+        on_device = self.rule_on_device if self.rule_on_device is not None else grad.device.type != "cpu"
+        if not on_device:
+            return self._host_rule(state, index, float(norm) ** 2 / grad.numel())
+        norm = norm.to(torch.float32 if norm.device.type == "mps" else torch.float64)
+        q = norm * norm / grad.numel()  # the second moment, as on the host
         if state.pending is not None:
             q = state.pending**2 * q
         reference = self._reference(state, index) if state.modulate else None
@@ -204,6 +212,28 @@ class ErrorModulator:
             state.after[index] = q * scale**2
             state.scale[index] = scale
         if index == 0:  # the first conv is the last one the backward pass reaches
+            self._last = state
+
+    def _host_rule(self, state: _Pass, index: int, q: float) -> None:
+        """The rule of :meth:`_backward_hook` on host floats (CPU gradients)."""
+        pending = 1.0 if state.pending is None else float(state.pending)
+        q = pending**2 * q
+        scale = 1.0
+        reference = self._reference(state, index) if state.modulate else None
+        if reference is not None and q > 0 and math.isfinite(q):
+            ratio = reference / q
+            if ratio > self.tau or ratio < 1.0 / self.tau:
+                if self.rule == "consecutive":
+                    target = reference
+                else:  # back to the nearest edge of [q^L / tau, q^L * tau]
+                    target = reference / min(max(ratio, 1.0 / self.tau), self.tau)
+                scale = math.sqrt(target / q)
+        pending *= scale
+        state.pending = None if pending == 1.0 else pending  # None: the parameter hooks skip the product
+        state.before[index] = q
+        state.after[index] = q * scale**2
+        state.scale[index] = scale
+        if index == 0:
             self._last = state
 
     def _parameter_hook(self, grad: torch.Tensor) -> torch.Tensor | None:

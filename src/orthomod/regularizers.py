@@ -22,11 +22,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .init import _check_weight
 
-__all__ = ["orthonormal_penalty", "OrthonormalRegularizer", "split_decay_parameters"]
+__all__ = ["orthonormal_penalty", "OrthonormalRegularizer", "split_decay_parameters", "SRIPRegularizer",
+           "conv_orthogonality_penalty", "ConvOrthogonalityRegularizer", "make_regularizer", "REGULARIZERS",
+           "DEFAULT_COEFF"]
 
 
 def _group_blocks(v: torch.Tensor) -> list[torch.Tensor]:
@@ -142,6 +145,12 @@ class OrthonormalRegularizer:
         with torch.no_grad():
             return [float(orthonormal_penalty(p.float()).sqrt()) for p in self.params]
 
+    def state_dict(self) -> dict:
+        return {}  # stateless; the method exists so every regularizer checkpoints alike
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 def split_decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """``(weights, others)``: conv/linear weights (``dim >= 2``) and the rest (BN, biases).
@@ -154,3 +163,192 @@ def split_decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[n
         if p.requires_grad:
             (weights if p.dim() >= 2 else others).append(p)
     return weights, others
+
+
+# -- other orthogonality regularizers (docs/METHOD-NOTES.md, "Beyond the paper") -------------------
+class SRIPRegularizer:
+    """SRIP (Bansal et al. 2018): ``coeff * sum_l sigma(V_l V_l^T - I)``, sigma the spectral norm.
+
+    ``V`` is each conv/linear weight viewed as ``(f_out, f_in)`` (the paper's ``W^T W`` with
+    filters as columns). sigma is estimated by power iteration on the symmetric ``A = V V^T - I``;
+    unlike the authors' code, which starts from a fixed random vector, the vector is carried from
+    step to step (as ``torch.nn.utils.spectral_norm`` does), so ``iterations`` per step refine it
+    and it is saved by :meth:`state_dict`. With ``u`` the estimated top eigenvector and
+    ``s = sign(u^T A u)``, the gradient is ``2 s coeff u u^T V``, the exact gradient of
+    ``coeff * sigma`` once ``u`` has converged.
+
+    >>> reg = SRIPRegularizer(torch.nn.Conv2d(4, 8, 3), coeff=1e-2)
+    >>> reg.add_grad_() is None   # needs a .grad: no-op for weights without one
+    True
+    """
+
+    def __init__(self, module_or_params: nn.Module | Iterable[torch.Tensor], coeff: float = 1e-2,
+                 iterations: int = 2, generator: torch.Generator | None = None):
+        if not coeff >= 0:
+            raise ValueError(f"coeff must be >= 0, got {coeff}")
+        if iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations}")
+        self.coeff, self.iterations = float(coeff), int(iterations)
+        self.params = _weights_of(module_or_params)
+        if not self.params:
+            raise ValueError("SRIPRegularizer found no conv or linear weights to regularize")
+        for p in self.params:
+            _check_weight(p)
+        self.vectors = []
+        for p in self.params:
+            u = torch.randn(p.shape[0], dtype=p.dtype, device=p.device, generator=generator)
+            self.vectors.append(u / u.norm())
+
+    @staticmethod
+    def _matrix(weight: torch.Tensor) -> torch.Tensor:
+        v = weight.reshape(weight.shape[0], -1)
+        return v @ v.T - torch.eye(v.shape[0], dtype=v.dtype, device=v.device)
+
+    @torch.no_grad()
+    def _refine(self, iterations: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Power-iterate every layer's vector; return (u, u^T A u) per layer."""
+        out = []
+        for i, p in enumerate(self.params):
+            a = self._matrix(p.detach())
+            u = self.vectors[i]
+            for _ in range(self.iterations if iterations is None else iterations):
+                w = a @ u
+                u = w / w.norm().clamp_min(torch.finfo(w.dtype).tiny)
+            self.vectors[i] = u
+            out.append((u, u @ a @ u))
+        return out
+
+    @torch.no_grad()
+    def add_grad_(self) -> None:
+        """Add ``2 s coeff u u^T V`` to the ``.grad`` of every weight that has one (one power
+        iteration step of ``iterations`` first)."""
+        if self.coeff == 0:
+            return
+        for p, (u, rayleigh) in zip(self.params, self._refine()):
+            if p.grad is None:
+                continue
+            v = p.detach().reshape(p.shape[0], -1)
+            grad = (2.0 * self.coeff) * torch.sign(rayleigh) * torch.outer(u, u @ v)
+            p.grad.add_(grad.view_as(p))
+
+    @torch.no_grad()
+    def penalty(self) -> torch.Tensor:
+        """``coeff * sum sigma`` with the current estimates (a 0-d tensor; refines nothing)."""
+        return self.coeff * sum((u @ self._matrix(p.detach()) @ u).abs() for p, u in zip(self.params, self.vectors))
+
+    def loss(self) -> torch.Tensor:
+        """``coeff * sum |u^T A u|`` as a differentiable term (u held fixed): its gradient is what
+        :meth:`add_grad_` adds."""
+        return self.coeff * sum((u @ self._matrix(p) @ u).abs() for p, u in zip(self.params, self.vectors))
+
+    def residuals(self) -> list[float]:
+        """The estimated ``sigma(V V^T - I)`` per weight (a diagnostic)."""
+        with torch.no_grad():
+            return [float((u @ self._matrix(p.detach()) @ u).abs()) for p, u in zip(self.params, self.vectors)]
+
+    def state_dict(self) -> dict:
+        return {"vectors": [u.clone() for u in self.vectors]}
+
+    def load_state_dict(self, state: dict) -> None:
+        vectors = state["vectors"]
+        if len(vectors) != len(self.params) or any(v.shape != u.shape for v, u in zip(vectors, self.vectors)):
+            raise ValueError("SRIP state does not match these weights (another model?)")
+        self.vectors = [v.to(u.device, u.dtype) for v, u in zip(vectors, self.vectors)]
+
+
+def conv_orthogonality_penalty(weight: torch.Tensor, stride: int | tuple[int, ...] = 1) -> torch.Tensor:
+    """``||conv(K, K, stride=S, padding=P) - I_r0||_F^2`` (Wang et al. 2020, OCNN), differentiable.
+
+    ``K`` (``(C_out, C_in, k...)``) is convolved with itself over every spatial shift at which
+    two copies overlap (``P = floor((k - 1) / S) * S`` per dimension, the paper's padding); the
+    result ``(C_out, C_out, ...)`` must be the identity at the zero shift and 0 elsewhere: the
+    conv is then an orthogonal map (rows orthonormal). A linear weight is a 1x1 conv:
+    ``||V V^T - I||^2``.
+    """
+    if weight.dim() == 2:
+        weight = weight[:, :, None]
+    dims = weight.dim() - 2
+    if dims not in (1, 2, 3):
+        raise ValueError(f"conv_orthogonality_penalty takes a Linear or Conv1d/2d/3d weight, got shape "
+                         f"{tuple(weight.shape)}")
+    strides = (stride,) * dims if isinstance(stride, int) else tuple(stride)
+    kernel = weight.shape[2:]
+    padding = tuple((k - 1) // s * s for k, s in zip(kernel, strides))
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    out = conv(weight, weight, stride=strides, padding=padding)
+    target = torch.zeros_like(out)
+    centre = tuple(n // 2 for n in out.shape[2:])
+    target[(slice(None), slice(None)) + centre] = torch.eye(weight.shape[0], dtype=out.dtype, device=out.device)
+    return (out - target).square().sum()
+
+
+class ConvOrthogonalityRegularizer:
+    """``coeff/2 * sum_l conv_orthogonality_penalty(K_l, stride_l)`` over a model's convs (each
+    with its own stride) and linear layers, with the interface of :class:`OrthonormalRegularizer`.
+
+    The ``1/2`` makes ``coeff`` play the role it plays for weight decay and for the paper's
+    regularizer. ``add_grad_`` differentiates the penalty of each weight alone (a small graph
+    per layer, not through the loss).
+    """
+
+    def __init__(self, model: nn.Module, coeff: float = 1e-1):
+        if not coeff >= 0:
+            raise ValueError(f"coeff must be >= 0, got {coeff}")
+        if not isinstance(model, nn.Module):
+            raise TypeError("ConvOrthogonalityRegularizer takes a model (it needs each conv's stride)")
+        self.coeff = float(coeff)
+        layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+        self._layers = [(m.weight, getattr(m, "stride", 1)) for m in model.modules() if isinstance(m, layers)]
+        for name, m in model.named_modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and (m.groups != 1 or m.dilation != (1,) * len(m.dilation)):
+                raise ValueError(f"the conv-orthogonality penalty is defined for ungrouped, undilated convs; layer "
+                                 f"{name!r} has groups={m.groups}, dilation={m.dilation}")
+        if not self._layers:
+            raise ValueError("ConvOrthogonalityRegularizer found no conv or linear weights to regularize")
+        self.params = [w for w, _ in self._layers]
+
+    def add_grad_(self) -> None:
+        if self.coeff == 0:
+            return
+        for weight, stride in self._layers:
+            if weight.grad is None:
+                continue
+            with torch.enable_grad():
+                leaf = weight.detach().requires_grad_()
+                (grad,) = torch.autograd.grad(conv_orthogonality_penalty(leaf, stride), leaf)
+            weight.grad.add_(grad, alpha=0.5 * self.coeff)
+
+    @torch.no_grad()
+    def penalty(self) -> torch.Tensor:
+        return self.loss()
+
+    def loss(self) -> torch.Tensor:
+        return 0.5 * self.coeff * sum(conv_orthogonality_penalty(w, s) for w, s in self._layers)
+
+    def residuals(self) -> list[float]:
+        with torch.no_grad():
+            return [float(conv_orthogonality_penalty(w.float(), s).sqrt()) for w, s in self._layers]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+REGULARIZERS = ("ortho", "srip", "conv-ortho")
+# lambda when none is given: the paper's weight-decay value for ours; the initial value of the
+# authors' CIFAR code for SRIP (annealed there, constant here); the OCNN code's default r.
+DEFAULT_COEFF = {"ortho": 1e-4, "srip": 1e-2, "conv-ortho": 1e-1}
+
+
+def make_regularizer(name: str, model: nn.Module, coeff: float | None = None):
+    """One of :data:`REGULARIZERS` over ``model``'s conv and linear weights."""
+    if name not in REGULARIZERS:
+        raise ValueError(f"unknown regularizer {name!r}; choose one of {', '.join(REGULARIZERS)}")
+    coeff = DEFAULT_COEFF[name] if coeff is None else coeff
+    if name == "ortho":
+        return OrthonormalRegularizer(model, coeff)
+    if name == "srip":
+        return SRIPRegularizer(model, coeff)
+    return ConvOrthogonalityRegularizer(model, coeff)

@@ -18,10 +18,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import OrthomodError
+from .files import load_json
+
 __all__ = ["Run", "load_run", "write_report", "ReportError"]
 
 
-class ReportError(Exception):
+class ReportError(OrthomodError):
     """A folder given to the report is not a run folder."""
 
 
@@ -63,8 +66,8 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ReportError(f"{path} is not a run folder (no config.json)")
-    config = json.loads((path / "config.json").read_text())
-    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else None
+    config = load_json(path / "config.json")
+    summary = load_json(path / "summary.json") if (path / "summary.json").exists() else None
     diagnostics = _read_jsonl(path / "diagnostics.jsonl")
     names = next((r["names"] for r in diagnostics if r.get("kind") == "layers"), [])
     return Run(path, config, summary, _read_jsonl(path / "metrics.jsonl"),
@@ -154,8 +157,8 @@ def _first_layer(run: Run, out: Path, image_cache: dict) -> tuple[str | None, st
     from .config import TrainConfig
     from .data import DataError
     from .files import CheckpointError, load_checkpoint
-    from .models import create
-    from .train import make_loaders
+    from .layers import SReLU
+    from .train import build_model, make_loaders
 
     try:
         state = load_checkpoint(checkpoint)
@@ -172,7 +175,7 @@ def _first_layer(run: Run, out: Path, image_cache: dict) -> tuple[str | None, st
         except DataError as exc:
             image_cache[key] = (None, str(exc))
     image, reason = image_cache[key]
-    model = create(config.model, num_classes=image[1] if image else None, init=None)
+    model = build_model(config, image[1] if image else None)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
@@ -191,7 +194,7 @@ def _first_layer(run: Run, out: Path, image_cache: dict) -> tuple[str | None, st
     if image is not None:
         x = image[0]
         captured = []
-        first_relu = next(m for m in model.modules() if isinstance(m, torch.nn.ReLU))
+        first_relu = next(m for m in model.modules() if isinstance(m, (torch.nn.ReLU, SReLU)))
         handle = first_relu.register_forward_hook(lambda m, i, o: captured.append(o.detach().clone()))
         with torch.no_grad():
             model(x)  # the first Conv-BN-ReLU triple's output is what the figure shows

@@ -17,10 +17,12 @@ fractions (0.5, 0.75) of the run.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import math
+import os
 import platform
 import signal
 import sys
@@ -35,24 +37,35 @@ from .config import TrainConfig
 from . import diagnostics
 from .data import BatchLoader, DataError, Dataset, load_dataset, normalization
 from .distributed import World, convert_sync_batchnorm
-from .files import load_checkpoint, save_checkpoint, save_json
+from .errors import OrthomodError
+from .files import RunFolderError, RunLock, load_checkpoint, save_checkpoint, save_json
 from .hardware import Precision, choose_precision, resolve_device
+from .layers import dirac_parametrize_
 from .models import create
 from .modulation import ErrorModulator
-from .regularizers import OrthonormalRegularizer, split_decay_parameters
+from .regularizers import REGULARIZERS, OrthonormalRegularizer, make_regularizer, split_decay_parameters
 
-__all__ = ["Trainer", "RunError", "evaluate", "train_step", "build_optimizer", "lr_factor"]
+__all__ = ["Trainer", "RunError", "evaluate", "train_step", "build_model", "build_optimizer", "lr_factor"]
 
 
-class RunError(Exception):
+class RunError(OrthomodError):
     """A run cannot start or resume; the message says why and what to do."""
+
+
+def build_model(config: TrainConfig, num_classes: int | None, init: str | None = None) -> nn.Module:
+    """The config's network: architecture, activation, norm and parametrization; ``init`` is a
+    scheme of :func:`orthomod.init.init_model_` (None: PyTorch's, for weights about to be loaded)."""
+    model = create(config.model, num_classes=num_classes, init=init, activation=config.activation, norm=config.norm)
+    if config.parametrization == "dirac":
+        dirac_parametrize_(model)  # after init: the raw W starts as the init scheme drew it
+    return model
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The config's optimizer; L2 decay only on conv/linear weights unless ``decay_bn_bias``.
 
-    With ``reg = "ortho"`` the optimizer gets no weight decay at all: the orthonormality
-    gradient takes its place (METHOD.md section 3).
+    With ``reg`` one of the orthogonality regularizers the optimizer gets no weight decay at all:
+    the regularizer's gradient takes its place (METHOD.md section 3).
     """
     weights, others = split_decay_parameters(model)
     l2 = config.reg_coeff if config.reg == "l2" else 0.0
@@ -140,17 +153,27 @@ def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, precis
     return loss_sum / count, correct / count
 
 
+def _tensor_statistics(name: str, t: torch.Tensor) -> dict:
+    t = t.detach().float()
+    return {"name": name, "shape": list(t.shape), "norm": float(t.norm()), "max_abs": float(t.abs().max()),
+            "finite": bool(torch.isfinite(t).all())}
+
+
 def layer_statistics(model: nn.Module) -> list[dict]:
     """Norm, largest magnitude and finiteness of every parameter and its gradient."""
     stats = []
     for name, p in model.named_parameters():
-        entry = {"name": name, "shape": list(p.shape), "norm": float(p.detach().float().norm()),
-                 "max_abs": float(p.detach().float().abs().max()), "finite": bool(torch.isfinite(p).all())}
+        entry = _tensor_statistics(name, p)
         if p.grad is not None:
             entry["grad_norm"] = float(p.grad.float().norm())
             entry["grad_finite"] = bool(torch.isfinite(p.grad).all())
         stats.append(entry)
     return stats
+
+
+def buffer_statistics(model: nn.Module) -> list[dict]:
+    """The same for every floating-point buffer (BN running means and variances)."""
+    return [_tensor_statistics(name, b) for name, b in model.named_buffers() if b.is_floating_point() and b.numel()]
 
 
 def dataset_for(config: TrainConfig) -> Dataset:
@@ -161,6 +184,8 @@ def dataset_for(config: TrainConfig) -> Dataset:
 def make_loaders(config: TrainConfig, device: torch.device, rank: int = 0,
                  world_size: int = 1) -> tuple[BatchLoader, BatchLoader, tuple[str, ...]]:
     """Train and test loaders of a config, and the class names."""
+    if config.data and Path(config.data).exists() and not Path(config.data).is_dir():
+        raise DataError(f"--data {config.data} is a file; give the folder that holds the data set")
     if config.dataset == "folder":
         from .folder_data import FolderLoader, ImageFolder
 
@@ -211,15 +236,47 @@ class Trainer:
         self.resume = resume
         self.progress = progress and self.world.is_main
         self._stop_signal: int | None = None
-        if not resume and (self.run_dir / "checkpoint.pt").exists():
-            raise RunError(f"run folder {self.run_dir} already has a checkpoint; continue it with "
-                           f"--resume {self.run_dir}, or choose another --name")
         self.device = resolve_device(config.device)
         if self.world.distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", self.world.local_rank)
         self.precision = choose_precision(config.precision, self.device)
+        self._lock: RunLock | None = None
+        problem = self._open_run_folder() if self.world.is_main else None
+        problem = self.world.broadcast(problem)  # every process stops, not only the one that looked
+        if problem is not None:
+            raise RunError(problem)
 
     # -- setup --------------------------------------------------------------------------------
+    def _open_run_folder(self) -> str | None:
+        """Create and lock the run folder before any data is built; the problem, if any, as text."""
+        folder = self.run_dir
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            return f"cannot write the run folder {folder} ({exc.strerror or exc}); choose another --out"
+        try:
+            self._lock = RunLock(folder)
+        except RunFolderError as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"cannot lock the run folder {folder} ({exc.strerror or exc}); choose another --out"
+        if not self.resume and (folder / "checkpoint.pt").exists():
+            problem = "already has a checkpoint"
+        elif not self.resume and (folder / "config.json").exists():
+            problem = "already holds a run (config.json)"
+        else:
+            return None
+        self._release_lock()
+        return f"run folder {folder} {problem}; continue it with --resume {folder}, or choose another --name"
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def _build(self) -> None:
         cfg = self.config
         torch.manual_seed(cfg.seed)
@@ -228,7 +285,7 @@ class Trainer:
                                                                          world.world_size)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.iterations or max(1, round(cfg.epochs * self.steps_per_epoch))
-        model = create(cfg.model, num_classes=len(self.classes), init=cfg.init)
+        model = build_model(cfg, len(self.classes), init=cfg.init)
         if cfg.sync_bn:
             model = convert_sync_batchnorm(model)
         model = model.to(self.device)
@@ -240,7 +297,7 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_grad_scaler else None
-        self.regularizer = OrthonormalRegularizer(self.model, cfg.reg_coeff) if cfg.reg == "ortho" else None
+        self.regularizer = make_regularizer(cfg.reg, self.model, cfg.reg_coeff) if cfg.reg in REGULARIZERS else None
         self.modulator = None
         if cfg.modulation:
             self.modulator = ErrorModulator(self.model, tau=cfg.modulation_tau, until_step=cfg.modulation_until,
@@ -248,6 +305,8 @@ class Trainer:
         elif cfg.diagnostics_every:  # measures error moments on the recorded steps, never modulates
             self.modulator = ErrorModulator(self.model, until_step=0)
         self.step = 0
+        self._window = {"loss": 0.0, "correct": 0, "count": 0, "time": 0.0, "steps": 0}
+        self._checkpoint_step: int | None = None  # the step of the checkpoint on disk
         self.best_acc, self.best_step = -1.0, None
         self.last_eval: dict | None = None
         self.last_train: dict | None = None
@@ -265,9 +324,17 @@ class Trainer:
                            f"optimizer ({str(exc).splitlines()[0]})") from None
         if self.config.modulation and state.get("modulator"):
             self.modulator.load_state_dict(state["modulator"])
+        if self.regularizer is not None and state.get("regularizer"):
+            self.regularizer.load_state_dict(state["regularizer"])  # SRIP's power-iteration vectors
         self.step = state["step"]
         self.best_acc, self.best_step = state["best_acc"], state["best_step"]
         self.last_eval, self.last_train = state.get("last_eval"), state.get("last_train")
+        # the running sums of a logging window that a checkpoint cut in two (SIGTERM, or a
+        # checkpoint interval that is not a multiple of the log interval)
+        self._window.update(state.get("log_window") or {})
+        if not self.world.is_main:  # the checkpoint holds the window's sums over every process
+            self._window.update(correct=0, count=0)
+        self._checkpoint_step = self.step
         self.wall_time_before = state["wall_time"]
         torch.set_rng_state(state["torch_rng"])
         if self.world.is_main:
@@ -298,14 +365,20 @@ class Trainer:
         return self.wall_time_before + time.perf_counter() - self._session_start
 
     def _checkpoint(self) -> None:
+        self._checkpoint_step = self.step
+        window = dict(self._window)
+        if self.world.distributed:  # accuracy counts are per process until a metrics line sums them
+            window["correct"], window["count"] = map(int, self.world.all_reduce_sum([window["correct"],
+                                                                                     window["count"]]))
         if not self.world.is_main:
             return
         save_checkpoint(self.run_dir / "checkpoint.pt", {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "modulator": self.modulator.state_dict() if self.config.modulation else None,
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "regularizer": self.regularizer.state_dict() if self.regularizer is not None else None,
             "step": self.step, "best_acc": self.best_acc, "best_step": self.best_step,
-            "last_eval": self.last_eval, "last_train": self.last_train,
+            "last_eval": self.last_eval, "last_train": self.last_train, "log_window": window,
             "wall_time": self._wall_time(), "torch_rng": torch.get_rng_state(),
             "config": self.config.to_dict(),
         })
@@ -368,9 +441,21 @@ class Trainer:
     def run(self) -> dict:
         """Train; return the summary (also written to ``summary.json``)."""
         self._session_start = time.perf_counter()
-        self._build()
-        if self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._build()
+            return self._run()
+        except OSError as exc:  # disk full, folder removed or made read-only mid-run
+            problem = exc.strerror or str(exc)
+            with contextlib.suppress(OSError, AttributeError):
+                self._summary("failed", error=f"{problem} ({exc.filename})")
+            then = (f"continue with: orthomod train --resume {self.run_dir}" if self._checkpoint_step is not None
+                    else "start the run again")
+            raise RunError(f"stopped by the operating system: {exc.filename or self.run_dir}: {problem}; fix that, "
+                           f"then {then}") from None
+        finally:
+            self._release_lock()
+
+    def _run(self) -> dict:
         if self.resume:
             self._restore()
         elif self.world.is_main:
@@ -393,9 +478,8 @@ class Trainer:
                 signal.signal(s, handler)
             if self.modulator is not None:
                 self.modulator.remove()
-            for loader in (getattr(self, "train_loader", None), getattr(self, "test_loader", None)):
-                if loader is not None:
-                    loader.close()  # DataLoader worker processes of image folders
+            for loader in (self.train_loader, self.test_loader):
+                loader.close()  # DataLoader worker processes of image folders
 
     def _train(self) -> dict:
         cfg, model = self.config, self.model
@@ -406,7 +490,7 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc=self.run_dir.name, unit="step",
                        dynamic_ncols=True)
-        window = {"loss": 0.0, "correct": 0, "count": 0, "time": 0.0, "steps": 0}
+        window = self._window
         try:
             # images/s counts everything a step costs, batch preparation included, and nothing
             # of evaluation or checkpointing: the clock restarts after those.
@@ -420,27 +504,14 @@ class Trainer:
                     record = cfg.diagnostics_every and (self.step + 1) % cfg.diagnostics_every == 0
                     if self.modulator is not None:
                         self.modulator.monitor = bool(record)
-                    seen = {}
-
-                    def check_loss(loss):
-                        loss_value = loss.item()
-                        stop = self._stop_signal is not None
-                        if self.world.distributed:  # every process agrees on divergence and on stopping
-                            total, stops = self.world.all_reduce_sum([loss_value, float(stop)])
-                            loss_value, stop = total / self.world.world_size, stops > 0
-                        seen.update(loss=loss_value, stop=stop)
-                        return math.isfinite(loss_value)
-
-                    def probe_backward():
-                        seen["probe"] = self._probe_backward()
-
+                    self._seen = {}
                     out, _ = train_step(self.network, x, y, self.optimizer, precision=self.precision,
                                         regularizer=self.regularizer, modulator=self.modulator, scaler=self.scaler,
-                                        before_update=probe_backward if record else None, check_loss=check_loss)
-                    loss_value, stop = seen["loss"], seen["stop"]
+                                        before_update=self._probe_backward if record else None,
+                                        check_loss=self._agree_on_loss)
+                    loss_value, stop, probe = self._seen["loss"], self._seen["stop"], self._seen.get("probe")
                     if not math.isfinite(loss_value):
-                        return self._diverged(loss_value, bar)
-                    probe = seen.get("probe")
+                        return self._diverged(self.step + 1, f"loss is {loss_value}", bar)
                     self.step += 1
                     if probe is not None:
                         self._log(self._probe_weights(probe), "diagnostics.jsonl")
@@ -454,10 +525,13 @@ class Trainer:
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                         self._log_window(window, lr, bar)
                     epoch_end = self.step % self.steps_per_epoch == 0
+                    save = epoch_end or self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps or stop
+                    # a finite loss can come with non-finite BN statistics: never evaluate or keep those
+                    if save and (bad := self._nonfinite_state()):
+                        return self._diverged(self.step, f"the loss is finite but {bad} are not", bar)
                     if epoch_end or self.step == self.total_steps:
                         self._evaluate()
-                    if (epoch_end or self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps
-                            or stop):
+                    if save:
                         self._checkpoint()
                     tick = time.perf_counter()
                     if stop:
@@ -482,15 +556,39 @@ class Trainer:
         return {"weights_identical_across_ranks": len(set(digests)) == 1,
                 "skipped_images": int(self.world.all_reduce_sum([float(local)])[0])}
 
-    def _probe_backward(self) -> dict:
+    def _agree_on_loss(self, loss: torch.Tensor) -> bool:
+        """The step goes on if the loss is finite; every process agrees on it and on stopping."""
+        loss_value = loss.item()
+        stop = self._stop_signal is not None
+        if self.world.distributed:
+            total, stops = self.world.all_reduce_sum([loss_value, float(stop)])
+            loss_value, stop = total / self.world.world_size, stops > 0
+        self._seen.update(loss=loss_value, stop=stop)
+        return math.isfinite(loss_value)
+
+    def _nonfinite_state(self) -> str | None:
+        """Which parameters or buffers hold a nan or inf, or None (read before every checkpoint)."""
+        named = list(self.model.named_parameters()) + [(n, b) for n, b in self.model.named_buffers()
+                                                        if b.is_floating_point()]
+        finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).tolist()
+        bad = [name for (name, _), ok in zip(named, finite) if not ok]
+        if self.world.distributed:  # every process takes the same branch
+            if self.world.all_reduce_sum([float(len(bad))])[0] and not bad:
+                bad = ["a tensor of another process"]
+        if not bad:
+            return None
+        return f"{len(bad)} parameter or buffer tensors (first: {bad[0]})"
+
+    def _probe_backward(self) -> None:
         """What only exists between backward() and the update: error moments, loss gradients."""
         stats = self.modulator.statistics()  # one device-to-host transfer
         if self.scaler is not None:  # fp16: moments of the scaled loss; the factors are scale-free
             square = self.scaler.get_scale() ** 2
             for key in ("moments_before", "moments_after"):
                 stats[key] = [q / square for q in stats[key]]
-        return {"error_moments_before": stats["moments_before"], "error_moments_after": stats["moments_after"],
-                "modulation_scales": stats["scales"], "grad_norm": diagnostics.gradient_norms(self.model)}
+        self._seen["probe"] = {"error_moments_before": stats["moments_before"],
+                               "error_moments_after": stats["moments_after"], "modulation_scales": stats["scales"],
+                               "grad_norm": diagnostics.gradient_norms(self.model)}
 
     def _probe_weights(self, probe: dict) -> dict:
         correlation = diagnostics.filter_correlation(self.model)
@@ -521,20 +619,25 @@ class Trainer:
         else:
             print(message, file=sys.stderr)
 
-    def _diverged(self, loss_value: float, bar) -> dict:
-        step = self.step + 1  # the step whose loss is not finite (1-based, like metrics)
-        stats = layer_statistics(self.model)
+    def _diverged(self, step: int, what: str, bar) -> dict:
+        """Record a divergence at ``step`` (1-based, like metrics): ``what`` went non-finite."""
+        stats, buffers = layer_statistics(self.model), buffer_statistics(self.model)
         bad = [s["name"] for s in stats if not s["finite"]]
-        largest = max(stats, key=lambda s: s["max_abs"] if s["finite"] else math.inf)
-        message = (f"diverged at step {step}: loss is {loss_value}; "
-                   f"{len(bad)} of {len(stats)} parameter tensors are non-finite"
-                   + (f" (first: {bad[0]})" if bad else "")
-                   + f", largest |weight| {largest['max_abs']:.3g} in {largest['name']}"
-                   + f"; the last good checkpoint stays in {self.run_dir}")
+        bad_buffers = [s["name"] for s in buffers if not s["finite"]]
+        largest = max(stats, key=lambda s: s["max_abs"] if s["finite"] else -math.inf)
+        if self._checkpoint_step is not None:
+            kept = f"the last good checkpoint (step {self._checkpoint_step}) stays in {self.run_dir}"
+        else:
+            kept = "no checkpoint was written before it, so there is nothing to resume"
+        message = (f"diverged at step {step}: {what}; "
+                   f"{len(bad)} of {len(stats)} parameter tensors and {len(bad_buffers)} of {len(buffers)} "
+                   f"buffers are non-finite" + (f" (first: {(bad + bad_buffers)[0]})" if bad or bad_buffers else "")
+                   + f", largest finite |weight| {largest['max_abs']:.3g} in {largest['name']}; {kept}")
         self._say(message, bar)
         moments = self.modulator.moments_after if self.modulator is not None else None
-        return self._summary("diverged", diverged_at_step=step, divergence={
-            "loss": str(loss_value), "message": message, "layers": stats, "error_moments": moments})
+        return self._summary("diverged", diverged_at_step=step, last_checkpoint_step=self._checkpoint_step,
+                             divergence={"reason": what, "message": message, "layers": stats, "buffers": buffers,
+                                         "error_moments": moments})
 
     def _interrupted(self, bar) -> dict:
         # a process of a distributed run may stop because another one got the signal
