@@ -6,6 +6,8 @@ the precision ``--precision auto`` picks on this machine (or the one named) and 
   ortho+mod  OrthonormalRegularizer.add_grad_() + ErrorModulator -- orthomod's way
   ortho      OrthonormalRegularizer.add_grad_() alone
   naive+mod  the penalty as a loss term through autograd + ErrorModulator
+  srip       SRIPRegularizer.add_grad_() (Bansal et al. 2018) in place of weight decay
+  conv-ortho ConvOrthogonalityRegularizer.add_grad_() (Wang et al. 2020) in place of weight decay
 Configurations are interleaved round by round (the machine is noisy) and the medians compared.
 
     python benchmarks/bench_step.py --model plain110 --batch-size 128 --rounds 10 --tau 1
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from orthomod import ErrorModulator, OrthonormalRegularizer, create
+from orthomod.regularizers import make_regularizer
 from orthomod.hardware import choose_precision
 from orthomod.regularizers import split_decay_parameters
 
@@ -37,7 +40,10 @@ def make_step(name: str, base: torch.nn.Module, tau: float, precision):
     wd = 1e-4 if name == "l2" else 0.0
     opt = torch.optim.SGD([{"params": weights, "weight_decay": wd}, {"params": others, "weight_decay": 0.0}],
                           lr=0.01, momentum=0.9)
-    reg = OrthonormalRegularizer(model, 1e-4) if name != "l2" else None
+    if name in ("srip", "conv-ortho"):
+        reg = make_regularizer(name, model)
+    else:
+        reg = OrthonormalRegularizer(model, 1e-4) if name != "l2" else None
     modulator = ErrorModulator(model, tau=tau) if name.endswith("+mod") else None
 
     def step(x, y):

@@ -146,8 +146,8 @@ EXPERIMENTS: dict[str, list[str]] = {
     "t2-plain44-ours-s1": [*C10, "--model", "plain44", "--epochs", "2", "--seed", "1", *ORTHO, *mod(1.0, "always")],
     "e2-resnet44-l2-s1": [*C10, "--model", "resnet44", "--epochs", "10", "--seed", "1", *L2],
     "e2-resnet110-l2-s1": [*C10, "--model", "resnet110", "--epochs", "4", "--seed", "1", *L2],
-    # 4, 5. second seeds of the two plain-110 rows left at one: our top rule (the variant METHOD.md
-    # asks for) and AdaDelta at ours' 4-epoch budget
+    # 4, 5. second seeds of the two plain-110 rows left at one: our top rule (our variant, docs/METHOD-NOTES.md)
+    # and AdaDelta at ours' 4-epoch budget
     "e4-plain110-ortho-modtop-s1": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "1", *ORTHO,
                                     *mod(2.0, 400, "top")],
     "t2-plain110-adadelta-4ep-s1": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "1", *L2,

@@ -1,6 +1,8 @@
 """End to end on real CIFAR-10 (the copy .ci/run prepares from ../shared)."""
 import json
 
+import pytest
+
 from orthomod.cli import main
 from orthomod.data import load_cifar10
 
@@ -12,6 +14,7 @@ def test_cifar10_loads_full_dataset(cifar10_dir):
     assert d.classes[0] == "airplane"
 
 
+@pytest.mark.slow
 def test_small_plain_net_learns_cifar10(cifar10_dir, tmp_path, capsys):
     # plain-8, ortho init + reg, 200 steps of batch 128 with the step schedule compressed to fit.
     # Measured 2026-11-25 on an AMD EPYC (AVX2, fp32, 33 s): 46.7% (seed 0) and 47.1% (seed 1);

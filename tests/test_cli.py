@@ -99,3 +99,19 @@ def test_paper_presets_follow_the_protocol():
 def test_config_rejects_unknown_key_with_valid_list():
     with pytest.raises(ConfigError, match="unknown config key 'tau'.*valid keys: .*modulation_tau"):
         TrainConfig.from_dict({"tau": 2})
+
+
+def test_every_config_key_has_one_flag_described_once():
+    import dataclasses
+
+    from orthomod.cli import _TRAIN_FLAGS, _parser
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    keys = [key for key, _, _ in _TRAIN_FLAGS.values()]
+    assert sorted(keys) == sorted(fields) and len(set(keys)) == len(keys)
+    for flag, (key, _, text) in _TRAIN_FLAGS.items():
+        assert flag == "--" + key.replace("_", "-") and text == fields[key].metadata["help"] and text
+    args = _parser().parse_args(["train", "--milestones", "0.4,0.8", "--shapes-train", "300", "--modulation-until",
+                                 "always", "--decay-bn-bias", "on", "--iterations", "5"])
+    assert args.milestones == [0.4, 0.8] and args.shapes_train == 300 and args.modulation_until is None
+    assert args.decay_bn_bias is True and args.iterations == 5

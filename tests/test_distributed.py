@@ -16,6 +16,8 @@ from orthomod.distributed import convert_sync_batchnorm
 from orthomod.files import load_checkpoint
 from orthomod.models import create
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 def _batch():
     g = torch.Generator().manual_seed(0)

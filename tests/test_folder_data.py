@@ -51,6 +51,7 @@ def test_unreadable_images_skipped_and_counted_or_error(tmp_path):
         list(FolderLoader(strict, batch_size=13, train=True, workers=0).epoch(0))
 
 
+@pytest.mark.slow
 def test_loader_resume_and_rank_shards(tmp_path):
     root = make_image_folder(tmp_path, bad=False)
     train = ImageFolder(root, "train", train=True, image_size=32, resize=36, seed=1)
@@ -80,6 +81,7 @@ def test_loader_resume_and_rank_shards(tmp_path):
         FolderLoader(train, batch_size=4, train=True, workers=0, world_size=3)
 
 
+@pytest.mark.slow
 def test_workers_start_once_by_spawn_and_follow_the_epoch(tmp_path):
     # workers serve every epoch (the sampler hands them the epoch with each index), are started
     # with spawn rather than fork (forking the threaded trainer deadlocked), and close() stops them
@@ -126,6 +128,7 @@ def test_train_cli_on_generated_folder(tmp_path, capsys):
     assert summary["skipped_images"] >= 1  # broken.jpg, met at least once in 6 steps of 4 of 13 images
 
 
+@pytest.mark.slow
 def test_cifar10_jpeg_folders_end_to_end(cifar10_dir, tmp_path, capsys):
     root = cifar10_dir / "cifar10-images"
     if not (root / "train").is_dir():

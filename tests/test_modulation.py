@@ -39,7 +39,7 @@ def _grads(chain, modulator=None):
 
 
 def _predicted_factors(scales, tau, rule):
-    """Cumulative factor on each layer's error, from the rule as METHOD.md states it."""
+    """Cumulative factor on each layer's error, from the rule as docs/METHOD-NOTES.md states it."""
     n = len(scales)
     factor = [1.0] * n
     after = [None] * n

@@ -10,7 +10,7 @@ SHAPES = [(16, 3, 3, 3), (27, 3, 3, 3), (64, 3, 3, 3), (256, 64, 1, 1), (10, 64)
 
 
 def _reference_penalty(w):
-    """Direct transcription of METHOD.md section 3, one group at a time."""
+    """Direct transcription of docs/METHOD-NOTES.md, Orthonormality regularizer, one group at a time."""
     v = w.reshape(w.shape[0], -1)
     total = 0.0
     for s in group_slices(*v.shape):

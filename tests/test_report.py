@@ -23,6 +23,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_report_writes_every_file_with_real_numbers(runs, tmp_path, capsys):
     names = ["ortho", "l2", "stopped", "diverged"]
     out = tmp_path / "report"

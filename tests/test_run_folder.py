@@ -170,6 +170,7 @@ def _wait_for(condition, timeout=120):
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_second_process_on_a_run_folder_is_refused_and_kill_9_leaves_no_stale_lock(tmp_path):
     toml = _tiny_toml(tmp_path, "checkpoint_every = 5\n")
     run = tmp_path / "dup"

@@ -16,12 +16,14 @@ stopped by signal N after writing a checkpoint (130 for Ctrl-C, 143 for SIGTERM)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
 import os
 import signal
 import sys
+import typing
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, list_presets, load_config_file
@@ -55,48 +57,31 @@ def _bf16_alias(text: str) -> str:
     return "bf16" if _bool(text) else "fp32"
 
 
-# flag -> (config key, type, help)
-_TRAIN_FLAGS = {
-    "--model": ("model", str, "plain<d> or resnet<d>, d = 6n+2 (e.g. plain44, resnet110)"),
-    "--dataset": ("dataset", str, "shapes (built in, no download), cifar10, or folder (--data ROOT)"),
-    "--data": ("data", str, "folder holding cifar-10-batches-py (default: $ORTHOMOD_DATA, then the cache)"),
-    "--epochs": ("epochs", float, "budget in epochs (the lr milestones scale with it)"),
-    "--iterations": ("iterations", int, "budget in iterations"),
-    "--batch-size": ("batch_size", int, "mini-batch size (paper: 128)"),
-    "--lr": ("lr", float, "base learning rate (default: per optimizer; SGD 0.1)"),
-    "--optimizer": ("optimizer", str, "sgd, nesterov, adagrad, adadelta, rmsprop or adam"),
-    "--schedule": ("schedule", str, "step (paper), cosine or constant"),
-    "--warmup-steps": ("warmup_steps", int, "linear lr warm-up steps"),
-    "--init": ("init", str, "msra, orthonormal, delta-orthogonal or dirac"),
-    "--reg": ("reg", str, "l2, ortho (the paper's), srip, conv-ortho or none"),
-    "--reg-coeff": ("reg_coeff", float, "weight decay / lambda (default per reg: l2, ortho 1e-4; srip 1e-2; "
-                                        "conv-ortho 0.1)"),
-    "--activation": ("activation", str, "relu or srelu (ISONet; plain nets)"),
-    "--norm": ("norm", str, "bn or none (plain nets; without BN the convs get a bias)"),
-    "--parametrization": ("parametrization", str, "none or dirac (DiracNets; train with --reg l2)"),
-    "--modulation": ("modulation", _bool, "backward error modulation on/off"),
-    "--modulation-tau": ("modulation_tau", float, "modulate when consecutive moments differ by more than tau"),
-    "--modulation-until": ("modulation_until", _optional_int, "modulate during the first N iterations ('always')"),
-    "--modulation-rule": ("modulation_rule", str, "consecutive (paper) or top"),
-    "--val-split": ("val_split", str, "folder datasets: evaluation subfolder (default val)"),
-    "--image-size": ("image_size", int, "folder datasets: crop size (default 224)"),
-    "--resize": ("resize", int, "folder datasets: shorter side before cropping (default 256)"),
-    "--workers": ("workers", int, "folder datasets: DataLoader worker processes"),
-    "--on-bad-image": ("on_bad_image", str, "folder datasets: skip (and count) or error"),
-    "--augment": ("augment", str, "flip (paper), flip-crop or none"),
-    "--normalize": ("normalize", str, "pixel (paper) or channel"),
-    "--seed": ("seed", int, "seed for init, data order and augmentation"),
-    "--device": ("device", str, "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"),
-    "--precision": ("precision", str, "auto (bf16 where native: AMX/AVX512-BF16 CPUs, GPUs from compute "
-                                      "capability 8.0; fp16 + grad scaler on older GPUs; else fp32), fp32, bf16, fp16"),
-    "--channels-last": ("channels_last", _bool, "channels_last memory format on/off"),
-    "--sync-bn": ("sync_bn", _bool, "distributed runs: BN statistics over the global batch on/off"),
-    "--log-every": ("log_every", int, "steps between metrics lines"),
-    "--checkpoint-every": ("checkpoint_every", int, "steps between checkpoints"),
-    "--diagnostics-every": ("diagnostics_every", int, "steps between diagnostics lines (0: none)"),
-    "--out": ("out", str, "parent folder of run folders (default: runs)"),
-    "--name": ("name", str, "run folder name (default: derived from the settings and time)"),
-}
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _flag_type(name: str, hint):
+    """The argparse type of a config key, from its type hint."""
+    if name == "modulation_until":  # None is spelled 'always' on the command line
+        return _optional_int
+    if hint == list[float]:
+        return _float_list
+    kind = next(k for k in (bool, int, float, str) if k == hint or k in typing.get_args(hint))
+    return _bool if kind is bool else kind
+
+
+def _train_flags() -> dict[str, tuple[str, object, str]]:
+    """flag -> (config key, type, help): one flag per TrainConfig key, described where the key is."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {"--" + f.name.replace("_", "-"): (f.name, _flag_type(f.name, hints[f.name]), f.metadata["help"])
+            for f in dataclasses.fields(TrainConfig)}
+
+
+_TRAIN_FLAGS = _train_flags()
 
 
 class _Parser(argparse.ArgumentParser):

@@ -35,58 +35,72 @@ class ConfigError(OrthomodError, ValueError):
     """A config value or key is invalid; the message says which and what is allowed."""
 
 
+def _opt(default, help: str, **kw):
+    """A config key: its default and its one description (the CLI flag's help comes from here)."""
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
 @dataclass
 class TrainConfig:
+    """Every setting of a run; each key is also the flag ``--key-with-dashes`` (``orthomod train --help``)."""
+
     # model and data
-    model: str = "plain20"               # plain<6n+2> or resnet<6n+2>
-    dataset: str = "shapes"              # shapes (built in), cifar10, or folder (<data>/{train,val}/<class>/)
-    data: str | None = None              # CIFAR-10 folder (default $ORTHOMOD_DATA, then the cache) or folder root
-    shapes_train: int = 10000            # images in the built-in dataset's train split
-    shapes_test: int = 2000              # ... and its test split
-    shapes_seed: int = 0                 # the built-in dataset's own seed (fixed across run seeds)
-    val_split: str = "val"               # folder datasets: the evaluation subfolder
-    image_size: int = 224                # folder datasets: crop size
-    resize: int = 256                    # folder datasets: shorter side before cropping
-    workers: int = 4                     # folder datasets: DataLoader worker processes
-    on_bad_image: str = "skip"           # folder datasets: skip (and count) or error
-    augment: str = "flip"                # flip (the paper), flip-crop (He et al.), none
-    normalize: str = "pixel"             # pixel (the paper) or channel
+    model: str = _opt("plain20", "plain<d> or resnet<d>, d = 6n+2 (e.g. plain44, resnet110), or "
+                                 "imagenet-plain<d> / imagenet-resnet<d>, d in 34, 50, 101")
+    dataset: str = _opt("shapes", "shapes (built in, no download), cifar10, or folder (<data>/{train,val}/<class>/)")
+    data: str | None = _opt(None, "folder holding cifar-10-batches-py (default: $ORTHOMOD_DATA, then the cache), "
+                                  "or the image-folder root")
+    shapes_train: int = _opt(10000, "images in the built-in shapes set's train split")
+    shapes_test: int = _opt(2000, "images in the shapes set's test split")
+    shapes_seed: int = _opt(0, "the shapes set's own seed (fixed across run seeds)")
+    val_split: str = _opt("val", "folder datasets: the evaluation subfolder")
+    image_size: int = _opt(224, "folder datasets: crop size")
+    resize: int = _opt(256, "folder datasets: shorter side before cropping")
+    workers: int = _opt(4, "folder datasets: DataLoader worker processes")
+    on_bad_image: str = _opt("skip", "folder datasets: skip (and count) or error")
+    augment: str = _opt("flip", "flip (the paper), flip-crop (He et al.) or none")
+    normalize: str = _opt("pixel", "pixel (the paper) or channel")
     # budget: exactly one of epochs / iterations; the lr milestones scale with it
-    epochs: float | None = None
-    iterations: int | None = None
-    batch_size: int = 128
+    epochs: float | None = _opt(None, "budget in epochs (the lr milestones scale with it)")
+    iterations: int | None = _opt(None, "budget in iterations")
+    batch_size: int = _opt(128, "mini-batch size, global over processes (paper: 128)")
     # optimization
-    optimizer: str = "sgd"               # sgd (momentum), nesterov, adagrad, adadelta, rmsprop, adam
-    lr: float | None = None              # None: the optimizer's default (DEFAULT_LR)
-    momentum: float = 0.9                # sgd and nesterov
-    schedule: str = "step"               # step (x0.1 at the milestones), cosine, constant
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions: 32k, 48k of 64k
-    lr_decay: float = 0.1
-    warmup_steps: int = 0                # linear warm-up from lr/10 (He et al. used 0.01 for 110 layers)
+    optimizer: str = _opt("sgd", "sgd (momentum), nesterov, adagrad, adadelta, rmsprop or adam")
+    lr: float | None = _opt(None, "base learning rate (default: per optimizer; SGD 0.1)")
+    momentum: float = _opt(0.9, "momentum of sgd and nesterov")
+    schedule: str = _opt("step", "step (x lr_decay at the milestones; the paper), cosine or constant")
+    milestones: list[float] = _opt(lambda: [0.5, 0.75], "lr drops as fractions of the run, comma-separated "
+                                                        "(paper: 32k, 48k of 64k = 0.5,0.75)")
+    lr_decay: float = _opt(0.1, "factor of each lr drop")
+    warmup_steps: int = _opt(0, "linear lr warm-up from lr/10 over this many steps")
     # the method
-    init: str = "msra"                   # msra, orthonormal, delta-orthogonal, dirac (or default)
-    reg: str = "l2"                      # l2 (weight decay), ortho (orthonormality), srip, conv-ortho, none
-    reg_coeff: float | None = None       # weight decay / lambda; None: per reg (l2, ortho 1e-4; srip 1e-2; conv-ortho 0.1)
-    decay_bn_bias: bool = False          # also L2-decay BN parameters and biases (off: METHOD.md 3)
-    activation: str = "relu"             # relu or srelu (ISONet); srelu for plain nets only
-    norm: str = "bn"                     # bn or none (no BN: the convs get a bias); plain nets only
-    parametrization: str = "none"        # none or dirac (DiracNets: W = a delta + b W/|W|, trained with l2)
-    modulation: bool = False
-    modulation_tau: float = 1.0          # band [1/tau, tau]; 1 = every layer ("always")
-    modulation_until: int | None = None  # modulate in the first n iterations; None = all
-    modulation_rule: str = "consecutive"  # consecutive (the paper) or top
+    init: str = _opt("msra", "msra, orthonormal, delta-orthogonal, dirac, suo-delta (TAT's) or default")
+    reg: str = _opt("l2", "l2 (weight decay), ortho (the paper's orthonormality), srip, conv-ortho or none")
+    reg_coeff: float | None = _opt(None, "weight decay / lambda (default per reg: l2, ortho 1e-4; srip 1e-2; "
+                                         "conv-ortho 0.1)")
+    decay_bn_bias: bool = _opt(False, "also L2-decay BN parameters and biases (off: docs/METHOD-NOTES.md)")
+    activation: str = _opt("relu", "relu, srelu (ISONet) or tat (needs orthomod[tat] and norm none); plain nets")
+    norm: str = _opt("bn", "bn or none (without BN the convs get a bias); plain nets")
+    parametrization: str = _opt("none", "none or dirac (DiracNets: W = a delta + b W/|W|; train with reg l2)")
+    modulation: bool = _opt(False, "backward error modulation on/off")
+    modulation_tau: float = _opt(1.0, "modulate when consecutive moments differ by more than tau (1: every layer)")
+    modulation_until: int | None = _opt(None, "modulate during the first N iterations ('always': all)")
+    modulation_rule: str = _opt("consecutive", "consecutive (the paper) or top")
     # run
-    seed: int = 0
-    device: str = "auto"                 # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-    precision: str = "auto"              # auto (bf16 where native, fp16 on older GPUs, else fp32), fp32, bf16, fp16
-    channels_last: bool = True
-    sync_bn: bool = False                # distributed runs: BN statistics over the global batch
-    log_every: int = 50                  # steps between metrics lines
-    diagnostics_every: int = 100         # steps between diagnostics lines (0: none)
-    checkpoint_every: int = 500          # steps between checkpoints (and at every epoch end)
-    eval_batch_size: int = 1000
-    name: str | None = None              # run folder name under out (default: derived)
-    out: str = "runs"
+    seed: int = _opt(0, "seed for init, data order and augmentation")
+    device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    precision: str = _opt("auto", "auto (bf16 where native: AMX/AVX512-BF16 CPUs, GPUs from compute capability "
+                                  "8.0; fp16 + grad scaler on older GPUs; else fp32), fp32, bf16 or fp16")
+    channels_last: bool = _opt(True, "channels_last memory format on/off")
+    sync_bn: bool = _opt(False, "distributed runs: BN statistics over the global batch on/off")
+    log_every: int = _opt(50, "steps between metrics lines")
+    diagnostics_every: int = _opt(100, "steps between diagnostics lines (0: none)")
+    checkpoint_every: int = _opt(500, "steps between checkpoints (and at every epoch end)")
+    eval_batch_size: int = _opt(1000, "batch size of evaluation")
+    name: str | None = _opt(None, "run folder name (default: derived from the settings and the time)")
+    out: str = _opt("runs", "parent folder of run folders")
 
     def validate(self) -> "TrainConfig":
         _check_types(self)
@@ -116,6 +130,11 @@ class TrainConfig:
         if (self.activation, self.norm) != ("relu", "bn") and family != "plain":
             raise ConfigError(f"activation {self.activation} and norm {self.norm} are built for the CIFAR plain nets "
                               f"(plain<d>), not {self.model}; use --activation relu --norm bn")
+        if self.activation == "tat" and self.norm != "none":
+            raise ConfigError("activation tat is for nets without normalization: add --norm none "
+                              "(and --init suo-delta, its init)")
+        if self.init == "suo-delta" and self.norm != "none":
+            raise ConfigError("init suo-delta (DKS/TAT) is for nets without normalization: add --norm none")
         if self.parametrization == "dirac" and self.reg in REGULARIZERS:
             raise ConfigError(f"reg {self.reg} acts on each conv's weight, which the dirac parametrization computes "
                               "from a, b and W; DiracNets train W with weight decay: use --reg l2 (or none)")

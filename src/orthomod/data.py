@@ -1,4 +1,4 @@
-"""Datasets held in memory as uint8 tensors, with batched augmentation (METHOD.md section 6).
+"""Datasets held in memory as uint8 tensors, with batched augmentation (docs/METHOD-NOTES.md, Training protocol).
 
 - ``cifar10``: the official python format (``cifar-10-batches-py``), found in ``--data DIR``,
   else ``$ORTHOMOD_DATA``, else the cache folder (``~/.cache/orthomod``); downloaded there from
@@ -238,7 +238,7 @@ def load_dataset(name: str, data_dir: str | None = None, shapes_train: int = 100
 
 
 # -- batches ----------------------------------------------------------------------------------
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit seed from integers (so (seed, epoch) and (seed, step) streams never collide)."""
     digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
@@ -312,7 +312,7 @@ class BatchLoader:
         """
         n = len(self.images)
         if self.train:
-            batches = train_batches(n, self.batch_size, _mix(self.seed, epoch), self.rank, self.world_size)
+            batches = train_batches(n, self.batch_size, mix_seed(self.seed, epoch), self.rank, self.world_size)
         else:
             batches = eval_batches(n, self.batch_size, self.rank, self.world_size)
         for b in range(start_batch, len(self)):
@@ -328,7 +328,7 @@ class BatchLoader:
     def _augment(self, x: torch.Tensor, step: int) -> torch.Tensor:
         # the draws of the whole global batch, of which this process keeps its share: every
         # image gets the flip and crop it would get in a one-process run
-        gen = torch.Generator().manual_seed(_mix(self.seed, "augment", step))
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, "augment", step))
         share = slice(self.rank, None, self.world_size)
         flip = (torch.rand(self.batch_size, generator=gen) < 0.5)[share].to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)

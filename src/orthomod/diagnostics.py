@@ -1,4 +1,4 @@
-"""Signal-propagation measurements of the paper (METHOD.md section 5).
+"""Signal-propagation measurements of the paper (docs/METHOD-NOTES.md).
 
 - :func:`filter_correlation`: per layer, the mean over filter pairs ``i != j`` of
   ``|cos(v_i, v_j)|`` (Fig. 2), and its mean over layers.
@@ -11,7 +11,8 @@
   eigenvalues of ``J J^T`` against ``rho^2 = gamma^2 / (sigma_B^2 + eps)`` (the paper's
   appendix: ``J J^T ~= rho^2 I`` apart from two near-zero eigenvalues).
 
-    >>> v = orthomod.init.orthonormal_(torch.empty(8, 16))
+    >>> from orthomod.init import orthonormal_
+    >>> v = orthonormal_(torch.empty(8, 16))
     >>> filter_correlation_of(v) < 1e-6
     True
 """
@@ -30,10 +31,9 @@ __all__ = ["weighted_layers", "filter_correlation_of", "filter_correlation", "or
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def weighted_layers(model: nn.Module, include_linear: bool = False) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of the conv layers (and linear layers if asked), in module order."""
-    kinds = _CONVS + ((nn.Linear,) if include_linear else ())
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the conv layers, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _CONVS)]
 
 
 @torch.no_grad()

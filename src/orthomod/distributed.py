@@ -13,7 +13,9 @@ with gloo, which is what the tests use.
 """
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,16 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["World", "setup", "SyncBatchNorm2d", "convert_sync_batchnorm"]
+
+
+@functools.cache
+def _differentiable_all_reduce():
+    """``torch.distributed.nn.functional.all_reduce``, imported once (its successor in
+    ``_functional_collectives`` is private API, and importing it warns)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from torch.distributed.nn.functional import all_reduce
+    return all_reduce
 
 
 @dataclass
@@ -88,18 +100,12 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        import warnings
-
-        with warnings.catch_warnings():  # its successor in _functional_collectives is private API
-            warnings.simplefilter("ignore", FutureWarning)
-            from torch.distributed.nn.functional import all_reduce
-
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 statistics in float32
         count = torch.tensor([x.numel() / x.shape[1]], dtype=xf.dtype, device=x.device)
         stats = torch.cat([xf.sum(dim=(0, 2, 3)), xf.square().sum(dim=(0, 2, 3)), count])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            stats = all_reduce(stats)  # differentiable: its backward all-reduces the gradients
+            stats = _differentiable_all_reduce()(stats)  # its backward all-reduces the gradients
         c = x.shape[1]
         total = stats[-1]
         mean = stats[:c] / total

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .data import DataError, _mix, check_split, eval_batches, train_batches
+from .data import DataError, mix_seed, check_split, eval_batches, train_batches
 
 __all__ = ["ImageFolder", "FolderLoader", "IMAGE_EXTENSIONS", "MEAN_RGB", "SCALE"]
 
@@ -78,7 +78,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 raise DataError(f"unreadable image {path} ({type(exc).__name__}); remove it or use "
                                 "on_bad_image = \"skip\"") from None
             return None
-        rng = np.random.default_rng(_mix(self.seed, epoch, i)) if self.train else None
+        rng = np.random.default_rng(mix_seed(self.seed, epoch, i)) if self.train else None
         return self.transform(image, rng), label
 
     def transform(self, image: Image.Image, rng: np.random.Generator | None) -> torch.Tensor:
@@ -171,7 +171,7 @@ class FolderLoader:
     def _batches(self, epoch: int) -> list[list[int]]:
         n = len(self.dataset)
         if self.train:
-            return train_batches(n, self.batch_size, _mix(self.seed, "order", epoch), self.rank, self.world_size)
+            return train_batches(n, self.batch_size, mix_seed(self.seed, "order", epoch), self.rank, self.world_size)
         return eval_batches(n, self.batch_size, self.rank, self.world_size)
 
     def epoch(self, epoch: int = 0, start_batch: int = 0, first_step: int = 0):

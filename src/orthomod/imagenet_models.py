@@ -1,4 +1,4 @@
-"""ImageNet ResNet-34/50/101 and their plain twins (METHOD.md section 1, Decision).
+"""ImageNet ResNet-34/50/101 and their plain twins (docs/METHOD-NOTES.md, Models, Decision).
 
 The standard layouts (He et al. 2016): a 7x7 stride-2 conv (64) with BN and ReLU, a 3x3
 stride-2 max pool, four stages of widths 64, 128, 256, 512 with 3, 4, 6, 3 blocks (34 and 50)

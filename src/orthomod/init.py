@@ -1,6 +1,6 @@
 """Weight initializers, in the style of ``torch.nn.init``.
 
-Orthonormal initialization (METHOD.md section 2): a weight of shape ``(f_out, C, kh, kw)``
+Orthonormal initialization (docs/METHOD-NOTES.md, Orthonormal initialization): a weight of shape ``(f_out, C, kh, kw)``
 is viewed as ``V`` of shape ``(f_out, f_in)``, one filter per row, and set so that
 ``V V^T = I``. When ``f_out > f_in`` no such ``V`` exists, so the rows are split into
 consecutive groups of ``f_in`` (the last group holds the remainder) and each group is
@@ -16,22 +16,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["orthonormal_", "delta_orthogonal_", "dirac_delta", "group_slices", "init_model_", "INIT_SCHEMES"]
+__all__ = ["orthonormal_", "delta_orthogonal_", "dirac_delta", "group_slices", "check_weight", "init_model_",
+           "INIT_SCHEMES"]
 
-INIT_SCHEMES = ("orthonormal", "msra", "default", "delta-orthogonal", "dirac")
+INIT_SCHEMES = ("orthonormal", "msra", "default", "delta-orthogonal", "dirac", "suo-delta")
 
 
 def group_slices(f_out: int, f_in: int) -> list[slice]:
     """Row ranges of the orthonormal groups of an ``(f_out, f_in)`` matrix.
 
     One group when ``f_out <= f_in``; otherwise ``ceil(f_out / f_in)`` consecutive groups of
-    ``f_in`` rows, the last holding the remainder (METHOD.md section 2, Decision).
+    ``f_in`` rows, the last holding the remainder (docs/METHOD-NOTES.md, Orthonormal initialization, Decision).
     """
     size = min(f_out, f_in)
     return [slice(start, min(start + size, f_out)) for start in range(0, f_out, size)]
 
 
-def _check_weight(tensor: torch.Tensor) -> tuple[int, int]:
+def check_weight(tensor: torch.Tensor) -> tuple[int, int]:
+    """``(f_out, f_in)`` of a weight with at least 2 dimensions, or a ValueError saying why not."""
     if tensor.dim() < 2:
         raise ValueError(
             f"orthonormal weights need at least 2 dimensions (f_out, f_in, ...), got shape {tuple(tensor.shape)}"
@@ -52,7 +54,7 @@ def orthonormal_(
     which makes the draw uniform over orthonormal frames), computed in float64 so that
     ``V V^T = I`` holds to the tensor's precision.
     """
-    f_out, f_in = _check_weight(tensor)
+    f_out, f_in = check_weight(tensor)
     device = generator.device if generator is not None else torch.device("cpu")
     rows = torch.empty(f_out, f_in, dtype=torch.float64)
     for group in group_slices(f_out, f_in):
@@ -140,12 +142,18 @@ def init_model_(model: nn.Module, scheme: str = "msra", generator: torch.Generat
         semi-orthogonal matrix (Xiao et al. 2018).
       - ``"dirac"``: conv weights by :func:`dirac_delta` (identity, DiracNets' repeat where the
         width changes); linear layers keep PyTorch's default init (ISONet's Dirac init).
+      - ``"suo-delta"``: DKS/TAT's scaled-uniform-orthogonal delta init of every conv and
+        linear weight (:func:`orthomod.tat.init_tat_`; needs ``dks``; refuses BN layers).
     In every scheme biases are zero and BN starts at ``gamma = 1, beta = 0``. A layer a scheme
     cannot initialize (an even kernel under delta-orthogonal or dirac, a grouped conv) raises a
     ``ValueError`` that names it.
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown init scheme {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
+    if scheme == "suo-delta":  # DKS/TAT's init, through the optional dks package
+        from .tat import init_tat_
+
+        return init_tat_(model)
     for name, module in model.named_modules():
         if _is_weighted_layer(module):
             if scheme in ("delta-orthogonal", "dirac") and not isinstance(module, nn.Linear):

@@ -1,4 +1,4 @@
-"""Plain and residual networks (METHOD.md section 1), created by name from one registry.
+"""Plain and residual networks (docs/METHOD-NOTES.md, Models), created by name from one registry.
 
 Names: ``plain<d>`` and ``resnet<d>`` for the CIFAR nets (any ``d = 6n+2``), and
 ``imagenet-plain<d>`` and ``imagenet-resnet<d>`` (``d`` in 34, 50, 101) for the ImageNet
@@ -26,11 +26,11 @@ from torch import nn
 from .init import init_model_
 from .layers import SReLU
 
-__all__ = ["create", "parse_model_name", "list_models", "is_imagenet_model", "plain_cifar", "resnet_cifar", "PAPER_DEPTHS",
+__all__ = ["create", "parse_model_name", "list_models", "plain_cifar", "resnet_cifar", "PAPER_DEPTHS",
            "ACTIVATIONS", "NORMS"]
 
 PAPER_DEPTHS = (20, 32, 44, 56, 110)
-ACTIVATIONS = ("relu", "srelu")
+ACTIVATIONS = ("relu", "srelu", "tat")
 NORMS = ("bn", "none")
 _WIDTHS = (16, 32, 64)
 
@@ -48,18 +48,27 @@ class ConvBNReLU(nn.Sequential):
     """One Conv-BN-ReLU triple (the conv has no bias: BN's shift replaces it).
 
     ``norm="none"`` puts an identity in BN's place and gives the conv a bias;
-    ``activation="srelu"`` uses :class:`orthomod.layers.SReLU` (ISONet) instead of ReLU.
+    ``activation="srelu"`` uses :class:`orthomod.layers.SReLU` (ISONet) instead of ReLU; a
+    module given as ``activation`` is used as it is (TAT's activation, shared by every layer).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, activation: str = "relu",
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, activation: str | nn.Module = "relu",
                  norm: str = "bn"):
-        if activation not in ACTIVATIONS or norm not in NORMS:
+        if isinstance(activation, nn.Module):
+            act = activation
+        elif activation == "relu":
+            act = nn.ReLU(inplace=True)
+        elif activation == "srelu":
+            act = SReLU(out_channels)
+        else:
+            act = None
+        if act is None or norm not in NORMS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)} and norm one of {', '.join(NORMS)}; "
                              f"got {activation!r} and {norm!r}")
         super().__init__(
             nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=norm == "none"),
             nn.BatchNorm2d(out_channels) if norm == "bn" else nn.Identity(),
-            nn.ReLU(inplace=True) if activation == "relu" else SReLU(out_channels),
+            act,
         )
 
 
@@ -88,6 +97,10 @@ class PlainNet(nn.Sequential):
 
     def __init__(self, depth: int, num_classes: int = 10, activation: str = "relu", norm: str = "bn"):
         n = _stage_layers(depth)
+        if activation == "tat":  # one transformed leaky ReLU for the chain of depth - 1 activations
+            from .tat import TATActivation
+
+            activation = TATActivation(depth - 1)
         layer = lambda i, o, s: ConvBNReLU(i, o, s, activation, norm)  # noqa: E731
         super().__init__(*_cifar_body(2 * n, layer, activation=activation, norm=norm),
                          _Head(_WIDTHS[-1], num_classes))
@@ -155,10 +168,6 @@ def list_models() -> list[str]:
     """The named models: the paper's CIFAR depths (any ``6n+2`` also works) and the ImageNet nets."""
     cifar = [f"{family}{depth}" for family in ("plain", "resnet") for depth in PAPER_DEPTHS]
     return cifar + [f"imagenet-{family}{depth}" for family in ("plain", "resnet") for depth in (34, 50, 101)]
-
-
-def is_imagenet_model(name: str) -> bool:
-    return parse_model_name(name)[0].startswith("imagenet-")
 
 
 def parse_model_name(name: str) -> tuple[str, int]:

@@ -1,4 +1,4 @@
-"""Backward error modulation (METHOD.md section 4).
+"""Backward error modulation (docs/METHOD-NOTES.md, Backward error modulation).
 
 Let ``q^l`` be the second moment (mean of squares over the batch and every position) of the
 error at conv layer ``l``, the gradient of the loss with respect to conv ``l``'s *output*.
@@ -19,7 +19,7 @@ multiplies each parameter's gradient by it as the gradient is produced. Paramete
 exactly those of the explicit rule; the activation gradients that other hooks may see below a
 modulated layer are the raw ones, and the gradient with respect to the input is not scaled.
 
-What "mismatch" means is Open in METHOD.md; two rules are offered:
+What "mismatch" means is open in the paper (docs/METHOD-NOTES.md); two rules are offered:
 
 - ``rule="consecutive"`` (the paper's words): modulate when ``q^{l+1} / q^l`` leaves
   ``[1/tau, tau]``; the layer's moment is then set to ``q^{l+1}``. ``tau=1`` modulates every
@@ -29,11 +29,17 @@ What "mismatch" means is Open in METHOD.md; two rules are offered:
   the nearest edge of that band. Moments inside the band keep their variety; ``tau=1`` is
   "always" again.
 
+    >>> from orthomod.models import create
+    >>> model = create("plain8")
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    >>> batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(2)]
     >>> with ErrorModulator(model, tau=1.0, until_step=None) as modulator:  # the defaults
-    ...     for x, y in loader:
-    ...         loss_fn(model(x), y).backward()
+    ...     for x, y in batches:
+    ...         torch.nn.functional.cross_entropy(model(x), y).backward()
     ...         optimizer.step(); optimizer.zero_grad()
     ...         modulator.step()
+    >>> len(modulator.scales), modulator.step_count
+    (7, 2)
 """
 from __future__ import annotations
 
@@ -131,7 +137,6 @@ class ErrorModulator:
         if not self.layers:
             raise ValueError("ErrorModulator found no conv layers in the model")
         self._order: dict[int, int] = {}  # id(layer) -> position in the forward pass
-        self.ordered_layers: list[nn.Module] = []  # the conv layers in forward order
         self._current: _Pass | None = None
         self._last: _Pass | None = None
         self._statistics: tuple[_Pass, dict] | None = None  # host copy of _last's numbers
@@ -164,7 +169,6 @@ class ErrorModulator:
         key = id(layer)
         if key not in self._order:
             self._order[key] = len(self._order)
-            self.ordered_layers.append(layer)
         index = self._order[key]
         if index == 0 or self._current is None:
             self._current = _Pass(len(self.layers), modulate=self.active)

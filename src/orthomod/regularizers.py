@@ -1,4 +1,4 @@
-"""The orthonormality regularizer that replaces L2 weight decay (METHOD.md section 3).
+"""The orthonormality regularizer that replaces L2 weight decay (docs/METHOD-NOTES.md, Orthonormality regularizer).
 
     R(V_1..V_D) = (lambda / 2) * sum_l ||V_l V_l^T - I||_F^2,   dR/dV = 2 lambda (V V^T - I) V
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .init import _check_weight
+from .init import check_weight
 
 __all__ = ["orthonormal_penalty", "OrthonormalRegularizer", "split_decay_parameters", "SRIPRegularizer",
            "conv_orthogonality_penalty", "ConvOrthogonalityRegularizer", "make_regularizer", "REGULARIZERS",
@@ -56,11 +56,12 @@ def _residual(block: torch.Tensor) -> torch.Tensor:
 def orthonormal_penalty(weight: torch.Tensor) -> torch.Tensor:
     """``sum over groups of ||V V^T - I||_F^2`` for one weight (no lambda); differentiable.
 
-    >>> w = orthomod.init.orthonormal_(torch.empty(8, 4, 3, 3, dtype=torch.float64))
+    >>> from orthomod.init import orthonormal_
+    >>> w = orthonormal_(torch.empty(8, 4, 3, 3, dtype=torch.float64))
     >>> float(orthonormal_penalty(w)) < 1e-20
     True
     """
-    f_out, f_in = _check_weight(weight)
+    f_out, f_in = check_weight(weight)
     v = weight.reshape(1, f_out, f_in)
     return sum(_residual(block).square().sum() for block in _group_blocks(v))
 
@@ -97,7 +98,7 @@ class OrthonormalRegularizer:
         if not self.params:
             raise ValueError("OrthonormalRegularizer found no conv or linear weights to regularize")
         for p in self.params:
-            _check_weight(p)
+            check_weight(p)
         # Weights of one shape share a batched matmul; grouping by (shape, dtype, device) once
         # here keeps the per-step cost to a few large ops instead of one small op per layer.
         self._buckets: dict[tuple, list[torch.Tensor]] = {}
@@ -156,7 +157,7 @@ def split_decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[n
     """``(weights, others)``: conv/linear weights (``dim >= 2``) and the rest (BN, biases).
 
     The usual split for weight decay: only the first list is decayed, whether by L2 or by the
-    orthonormality regularizer (METHOD.md section 3, Decision).
+    orthonormality regularizer (docs/METHOD-NOTES.md, Orthonormality regularizer, Decision).
     """
     weights, others = [], []
     for p in model.parameters():
@@ -193,7 +194,7 @@ class SRIPRegularizer:
         if not self.params:
             raise ValueError("SRIPRegularizer found no conv or linear weights to regularize")
         for p in self.params:
-            _check_weight(p)
+            check_weight(p)
         self.vectors = []
         for p in self.params:
             u = torch.randn(p.shape[0], dtype=p.dtype, device=p.device, generator=generator)

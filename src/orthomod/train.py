@@ -11,7 +11,7 @@ A run folder holds:
                    orthogonality residual and gradient norm (see orthomod.diagnostics)
   checkpoint.pt    the latest checkpoint (atomic); best.pt: weights of the best evaluation
 
-Protocol (METHOD.md section 6): SGD momentum 0.9, batch 128, lr 0.1 divided by 10 at 32k and
+Protocol (docs/METHOD-NOTES.md, Training protocol): SGD momentum 0.9, batch 128, lr 0.1 divided by 10 at 32k and
 48k of 64k iterations; given a budget in epochs or iterations the milestones keep their
 fractions (0.5, 0.75) of the run.
 """
@@ -55,9 +55,13 @@ class RunError(OrthomodError):
 def build_model(config: TrainConfig, num_classes: int | None, init: str | None = None) -> nn.Module:
     """The config's network: architecture, activation, norm and parametrization; ``init`` is a
     scheme of :func:`orthomod.init.init_model_` (None: PyTorch's, for weights about to be loaded)."""
-    model = create(config.model, num_classes=num_classes, init=init, activation=config.activation, norm=config.norm)
-    if config.parametrization == "dirac":
-        dirac_parametrize_(model)  # after init: the raw W starts as the init scheme drew it
+    try:
+        model = create(config.model, num_classes=num_classes, init=init, activation=config.activation,
+                       norm=config.norm)
+        if config.parametrization == "dirac":
+            dirac_parametrize_(model)  # after init: the raw W starts as the init scheme drew it
+    except (ValueError, ImportError) as exc:  # a layer an option cannot handle, or dks missing
+        raise RunError(f"cannot build {config.model}: {exc}") from None
     return model
 
 
@@ -65,7 +69,7 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     """The config's optimizer; L2 decay only on conv/linear weights unless ``decay_bn_bias``.
 
     With ``reg`` one of the orthogonality regularizers the optimizer gets no weight decay at all:
-    the regularizer's gradient takes its place (METHOD.md section 3).
+    the regularizer's gradient takes its place (docs/METHOD-NOTES.md, Orthonormality regularizer).
     """
     weights, others = split_decay_parameters(model)
     l2 = config.reg_coeff if config.reg == "l2" else 0.0
@@ -81,7 +85,9 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
         return torch.optim.Adadelta(groups, lr=lr)
     if name == "rmsprop":
         return torch.optim.RMSprop(groups, lr=lr)
-    return torch.optim.Adam(groups, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    raise RunError(f"unknown optimizer {name!r}; choose one of sgd, nesterov, adagrad, adadelta, rmsprop, adam")
 
 
 def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
@@ -221,7 +227,11 @@ def default_run_name(config: TrainConfig) -> str:
 class Trainer:
     """Run one config to completion, divergence or interruption, resumably.
 
-    >>> summary = Trainer(TrainConfig(model="plain8", iterations=20)).run()
+    >>> import tempfile
+    >>> config = TrainConfig(model="plain8", shapes_train=200, shapes_test=100, batch_size=50, iterations=4,
+    ...                      out=tempfile.mkdtemp(), name="doctest")
+    >>> Trainer(config, progress=False).run()["status"]
+    'completed'
     """
 
     def __init__(self, config: TrainConfig, run_dir: str | Path | None = None, resume: bool = False,
