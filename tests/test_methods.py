@@ -254,6 +254,9 @@ def test_combinations_train_and_resume(tmp_path, flags):
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["final_train_loss"] == summary["final_train_loss"]
     assert main(["eval", str(tmp_path / "r")]) == 0
+    if "--parametrization" in flags:  # the report rebuilds the parametrized net for Fig. 6
+        assert main(["report", str(tmp_path / "r"), "--out", str(tmp_path / "report")]) == 0
+        assert (tmp_path / "report" / "first_layer_r.png").is_file()
 
 
 def test_srip_vectors_are_checkpointed(tmp_path):

@@ -77,6 +77,8 @@ def test_a_tat_net_and_its_refusals(tmp_path, capsys):
     assert main([*flags, "--name", "tat", "--activation", "tat", "--norm", "none", "--init", "suo-delta",
                  "--lr", "0.01"]) == 0
     assert json.loads((tmp_path / "tat" / "summary.json").read_text())["status"] == "completed"
+    assert main(["report", str(tmp_path / "tat"), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "first_layer_tat.png").is_file()
     assert main([*flags, "--name", "bn", "--activation", "tat"]) == 2
     assert "activation tat is for nets without normalization" in capsys.readouterr().err
     assert main([*flags, "--name", "shallow", "--model", "plain8", "--activation", "tat", "--norm", "none"]) == 2

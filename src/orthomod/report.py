@@ -157,7 +157,7 @@ def _first_layer(run: Run, out: Path, image_cache: dict) -> tuple[str | None, st
     from .config import TrainConfig
     from .data import DataError
     from .files import CheckpointError, load_checkpoint
-    from .layers import SReLU
+    from .models import ConvBNReLU
     from .train import build_model, make_loaders
 
     try:
@@ -194,7 +194,9 @@ def _first_layer(run: Run, out: Path, image_cache: dict) -> tuple[str | None, st
     if image is not None:
         x = image[0]
         captured = []
-        first_relu = next(m for m in model.modules() if isinstance(m, (torch.nn.ReLU, SReLU)))
+        # the first Conv-BN-activation triple's activation, whichever the run used
+        first_relu = next((m[2] for m in model.modules() if isinstance(m, ConvBNReLU)), None) or next(
+            m for m in model.modules() if isinstance(m, torch.nn.ReLU))  # the ImageNet layouts
         handle = first_relu.register_forward_hook(lambda m, i, o: captured.append(o.detach().clone()))
         with torch.no_grad():
             model(x)  # the first Conv-BN-ReLU triple's output is what the figure shows
