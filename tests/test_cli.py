@@ -115,3 +115,20 @@ def test_every_config_key_has_one_flag_described_once():
                                  "always", "--decay-bn-bias", "on", "--iterations", "5"])
     assert args.milestones == [0.4, 0.8] and args.shapes_train == 300 and args.modulation_until is None
     assert args.decay_bn_bias is True and args.iterations == 5
+
+
+def test_a_config_file_can_start_from_a_preset(tmp_path):
+    mine = tmp_path / "mine.toml"
+    mine.write_text('base = "plain44-ortho"\nmodel = "plain56"\nlr = 0.05\n')
+    values = load_config_file(str(mine))
+    assert values == {"dataset": "cifar10", "iterations": 64000, "batch_size": 128, "optimizer": "sgd", "lr": 0.05,
+                      "augment": "flip", "normalize": "pixel", "init": "orthonormal", "reg": "ortho",
+                      "reg_coeff": 1e-4, "model": "plain56"}
+    loop = tmp_path / "loop.toml"
+    loop.write_text(f'base = "{loop}"\n')
+    with pytest.raises(ConfigError, match="is its own base"):
+        load_config_file(str(loop))
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text('base = "plain45"\n')
+    with pytest.raises(ConfigError, match="'plain45' is neither a file nor a preset"):
+        load_config_file(str(unknown))

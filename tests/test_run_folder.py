@@ -103,17 +103,16 @@ def test_cifar_folder_missing_a_file_is_named(tmp_path, capsys):
 
 
 def test_disk_full_during_a_checkpoint(tmp_path, capsys, monkeypatch):
-    from orthomod import train
 
-    calls = []
+    calls, original = [], files.save_checkpoint
 
     def full(path, state):
         calls.append(path)
         if len(calls) > 1:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return files.save_checkpoint(path, state)
+        return original(path, state)
 
-    monkeypatch.setattr(train, "save_checkpoint", full)
+    monkeypatch.setattr(files, "save_checkpoint", full)
     toml = _tiny_toml(tmp_path)
     err = _one_line_error(capsys, ["train", "--config", toml, "--iterations", "8", "--checkpoint-every", "2",
                                    "--out", tmp_path, "--name", "full", "--no-progress"])

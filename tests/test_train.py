@@ -159,7 +159,7 @@ def _write_shapes_config(tmp_path):
 
 
 def test_shapes_dataset_fixed_across_run_seeds():
-    from orthomod.train import dataset_for
+    from orthomod.data import dataset_for
 
     a = dataset_for(TrainConfig(iterations=1, shapes_train=100, shapes_test=20, seed=0))
     b = dataset_for(TrainConfig(iterations=1, shapes_train=100, shapes_test=20, seed=7))

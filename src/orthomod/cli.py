@@ -182,20 +182,18 @@ def _train_in(args: argparse.Namespace, world) -> int:
 
 def _run_config(run_dir: Path) -> TrainConfig:
     """The saved config of a run folder, or a one-line error."""
-    from .files import load_json
+    from .files import RunFolder
 
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise ConfigError(f"{run_dir} is not a run folder (no config.json); give the folder a run was written to")
-    return TrainConfig.from_dict(load_json(config_path), source=str(config_path))
+    return TrainConfig.from_dict(RunFolder(run_dir).config(), source=str(run_dir / "config.json"))
 
 
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .files import load_checkpoint
+    from .files import RunFolder
     from .hardware import choose_precision, resolve_device
-    from .train import build_model, evaluate, make_loaders
+    from .data import make_loaders
+    from .train import build_model, evaluate
 
     run_dir = Path(args.run_dir)
     config = _run_config(run_dir)
@@ -205,7 +203,7 @@ def _eval(args: argparse.Namespace) -> int:
     path = run_dir / ("checkpoint.pt" if args.checkpoint == "last" else "best.pt")
     missing = ("best.pt is written at the run's first evaluation (every epoch end); use --checkpoint last"
                if args.checkpoint == "best" else "the run has not written one yet")
-    state = load_checkpoint(path, map_location=device, missing=missing)
+    state = RunFolder(run_dir).load_checkpoint(path.name, map_location=device, missing=missing)
     _, test, classes = make_loaders(config, device)
     model = build_model(config, len(classes)).to(device)
     if config.channels_last:

@@ -245,23 +245,38 @@ def list_presets() -> dict[str, str]:
     return out
 
 
-def load_config_file(path_or_preset: str) -> dict:
-    """Values of a TOML config file, or of a preset by name."""
+def _config_path(path_or_preset: str) -> Path:
     path = Path(path_or_preset)
-    if not path.is_file():
-        presets = _preset_files()
-        if path_or_preset not in presets:
-            raise ConfigError(
-                f"config {path_or_preset!r} is neither a file nor a preset; see 'orthomod presets' for the presets"
-            )
-        path = presets[path_or_preset]
+    if path.is_file():
+        return path
+    presets = _preset_files()
+    if path_or_preset not in presets:
+        raise ConfigError(f"config {path_or_preset!r} is neither a file nor a preset; see 'orthomod presets' for the presets")
+    return presets[path_or_preset]
+
+
+def _read_config(path_or_preset: str, seen: tuple[str, ...] = ()) -> dict:
+    """A config file's values, on top of those of its ``base`` (a preset or file) if it names one."""
+    if path_or_preset in seen:
+        raise ConfigError(f"config {path_or_preset!r} is its own base ({' -> '.join(seen + (path_or_preset,))})")
+    path = _config_path(path_or_preset)
     try:
         values = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     if "null" in values.values():
         raise ConfigError(f"config file {path}: TOML has no null; leave a key out to keep its default")
-    values = _legacy_bf16(values, str(path))
-    TrainConfig.from_dict(values, source=str(path))  # unknown keys fail here, naming the file
-    return values
+    base = values.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"config file {path}: base must be the name of a preset or a file, got {base!r}")
+        values = {**_read_config(base, seen + (path_or_preset,)), **_legacy_bf16(values, str(path))}
+    return _legacy_bf16(values, str(path))
 
+
+def load_config_file(path_or_preset: str) -> dict:
+    """Values of a TOML config file, or of a preset by name. ``base = "NAME"`` in a file starts
+    from the values of that preset (or file) and overrides them with the file's own."""
+    values = _read_config(path_or_preset)
+    TrainConfig.from_dict(values, source=str(_config_path(path_or_preset)))  # unknown keys fail, naming the file
+    return values

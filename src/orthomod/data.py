@@ -29,7 +29,8 @@ import torch
 
 from .errors import OrthomodError
 
-__all__ = ["Dataset", "load_dataset", "load_cifar10", "make_shapes", "BatchLoader", "DataError", "DATASETS"]
+__all__ = ["Dataset", "load_dataset", "load_cifar10", "make_shapes", "BatchLoader", "DataError", "DATASETS",
+           "dataset_for", "make_loaders"]
 
 DATASETS = ("shapes", "cifar10", "folder")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -356,3 +357,38 @@ def normalization(images: torch.Tensor, mode: str = "pixel") -> tuple[torch.Tens
     mean = x.mean(dim=dims, keepdim=True)[0]
     std = x.std(dim=dims, keepdim=True)[0].clamp_min(1e-3)
     return mean, std
+
+
+# -- a run's loaders --------------------------------------------------------------------------
+def dataset_for(config) -> Dataset:
+    """The dataset a config trains on (the shapes set depends on ``shapes_seed``, not ``seed``)."""
+    return load_dataset(config.dataset, config.data, config.shapes_train, config.shapes_test, seed=config.shapes_seed)
+
+
+def make_loaders(config, device: torch.device, rank: int = 0,
+                 world_size: int = 1) -> tuple[BatchLoader, BatchLoader, tuple[str, ...]]:
+    """Train and test loaders of a run's config (a :class:`orthomod.config.TrainConfig`), and the class names."""
+    if config.data and Path(config.data).exists() and not Path(config.data).is_dir():
+        raise DataError(f"--data {config.data} is a file; give the folder that holds the data set")
+    if config.dataset == "folder":
+        from .folder_data import FolderLoader, ImageFolder
+
+        if not config.data:
+            raise DataError("dataset = folder needs --data ROOT holding train/<class>/ and "
+                            f"{config.val_split}/<class>/ image folders")
+        common = dict(image_size=config.image_size, resize=config.resize, on_bad_image=config.on_bad_image,
+                      seed=config.seed)
+        train_set = ImageFolder(config.data, "train", train=True, **common)
+        test_set = ImageFolder(config.data, config.val_split, train=False, classes=train_set.classes, **common)
+        loader = dict(workers=config.workers, seed=config.seed, device=device, channels_last=config.channels_last,
+                      rank=rank, world_size=world_size)
+        return (FolderLoader(train_set, config.batch_size, train=True, **loader),
+                FolderLoader(test_set, config.eval_batch_size, train=False, **loader), tuple(train_set.classes))
+    dataset = dataset_for(config)
+    mean, std = normalization(dataset.train_images, config.normalize)
+    common = dict(mean=mean, std=std, device=device, channels_last=config.channels_last, rank=rank,
+                  world_size=world_size)
+    train = BatchLoader(dataset.train_images, dataset.train_labels, config.batch_size, train=True,
+                        augment=config.augment, seed=config.seed, **common)
+    test = BatchLoader(dataset.test_images, dataset.test_labels, config.eval_batch_size, **common)
+    return train, test, dataset.classes

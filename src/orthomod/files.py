@@ -22,7 +22,7 @@ import torch
 from .errors import OrthomodError
 
 __all__ = ["save_json", "load_json", "save_checkpoint", "load_checkpoint", "CheckpointError", "RunFolderError",
-           "RunLock"]
+           "RunLock", "RunFolder"]
 
 
 class CheckpointError(OrthomodError):
@@ -129,3 +129,79 @@ class RunLock:
     def release(self) -> None:
         if not self._file.closed:
             self._file.close()
+
+
+class RunFolder:
+    """The files of one run folder, read and written here only (the layout: orthomod.train).
+
+    ``config.json`` and ``summary.json`` are JSON objects written atomically; ``metrics.jsonl``
+    and ``diagnostics.jsonl`` get one JSON line per record, each with a ``step``; checkpoints are
+    ``checkpoint.pt`` and ``best.pt``.
+    """
+
+    JSONL = ("metrics.jsonl", "diagnostics.jsonl")
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def is_run(self) -> bool:
+        return (self.path / "config.json").is_file()
+
+    # -- JSON objects --------------------------------------------------------------------------
+    def config(self) -> dict:
+        if not self.is_run():
+            raise RunFolderError(f"{self.path} is not a run folder (no config.json); give the folder a run was "
+                                 "written to")
+        return load_json(self.path / "config.json")
+
+    def summary(self) -> dict | None:
+        path = self.path / "summary.json"
+        return load_json(path) if path.exists() else None
+
+    def write_config(self, config: dict) -> None:
+        save_json(self.path / "config.json", config)
+
+    def write_summary(self, summary: dict) -> None:
+        save_json(self.path / "summary.json", summary)
+
+    # -- JSON lines ----------------------------------------------------------------------------
+    def append(self, record: dict, name: str = "metrics.jsonl") -> None:
+        with open(self.path / name, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self, name: str = "metrics.jsonl") -> list[dict]:
+        """The lines of a JSONL file (none if it does not exist); a line cut by a crash is skipped."""
+        path = self.path / name
+        if not path.exists():
+            return []
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def clear_records(self) -> None:
+        for name in self.JSONL:
+            (self.path / name).unlink(missing_ok=True)
+
+    def truncate_records(self, step: int) -> None:
+        """Drop the lines written after ``step`` (a checkpoint's): a resumed run writes them again."""
+        for name in self.JSONL:
+            path = self.path / name
+            if not path.exists():
+                continue
+            kept = [json.dumps(r) for r in self.records(name) if isinstance(r, dict) and r.get("step", 0) <= step]
+            text = "".join(line + "\n" for line in kept)
+            _replace_from_tmp(path, lambda f: f.write(text.encode()))
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, state: dict, name: str = "checkpoint.pt") -> None:
+        save_checkpoint(self.path / name, state)
+
+    def load_checkpoint(self, name: str = "checkpoint.pt", map_location="cpu", **kw) -> dict:
+        return load_checkpoint(self.path / name, map_location=map_location, **kw)

@@ -127,7 +127,8 @@ class OrthonormalRegularizer:
 
     @torch.no_grad()
     def penalty(self) -> torch.Tensor:
-        """The value of ``R`` (a 0-d float tensor, no graph)."""
+        """The value of ``R = coeff/2 * sum_l orthonormal_penalty(V_l)`` (a 0-d tensor, no graph): the
+        regularizer's penalty includes its coefficient, the function's does not."""
         return self._value()
 
     def loss(self) -> torch.Tensor:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import OrthomodError
-from .files import load_json
+from .files import RunFolder
 
 __all__ = ["Run", "load_run", "write_report", "ReportError"]
 
@@ -50,27 +50,13 @@ class Run:
         return self.summary.get("status", "?")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-    return records
-
-
 def load_run(path: str | Path) -> Run:
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ReportError(f"{path} is not a run folder (no config.json)")
-    config = load_json(path / "config.json")
-    summary = load_json(path / "summary.json") if (path / "summary.json").exists() else None
-    diagnostics = _read_jsonl(path / "diagnostics.jsonl")
+    folder = RunFolder(path)
+    if not folder.is_run():
+        raise ReportError(f"{folder.path} is not a run folder (no config.json)")
+    diagnostics = folder.records("diagnostics.jsonl")
     names = next((r["names"] for r in diagnostics if r.get("kind") == "layers"), [])
-    return Run(path, config, summary, _read_jsonl(path / "metrics.jsonl"),
+    return Run(folder.path, folder.config(), folder.summary(), folder.records("metrics.jsonl"),
                [r for r in diagnostics if r.get("kind") == "diagnostics"], names)
 
 
@@ -155,13 +141,13 @@ def _first_layer(run: Run, out: Path, image_cache: dict) -> tuple[str | None, st
     import torch
 
     from .config import TrainConfig
-    from .data import DataError
-    from .files import CheckpointError, load_checkpoint
+    from .data import DataError, make_loaders
+    from .files import CheckpointError
     from .models import ConvBNReLU
-    from .train import build_model, make_loaders
+    from .train import build_model
 
     try:
-        state = load_checkpoint(checkpoint)
+        state = RunFolder(run.path).load_checkpoint(checkpoint.name)
     except CheckpointError as exc:
         return None, str(exc)
     config = TrainConfig.from_dict(run.config).replace(eval_batch_size=1, workers=0, channels_last=False)

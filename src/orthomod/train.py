@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import json
 import math
 import os
 import platform
@@ -35,10 +34,10 @@ from torch import nn
 
 from .config import TrainConfig
 from . import diagnostics
-from .data import BatchLoader, DataError, Dataset, load_dataset, normalization
+from .data import BatchLoader, DataError, dataset_for, make_loaders  # noqa: F401 (re-exported)
 from .distributed import World, convert_sync_batchnorm
 from .errors import OrthomodError
-from .files import RunFolderError, RunLock, load_checkpoint, save_checkpoint, save_json
+from .files import RunFolder, RunFolderError, RunLock
 from .hardware import Precision, choose_precision, resolve_device
 from .layers import dirac_parametrize_
 from .models import create
@@ -182,40 +181,6 @@ def buffer_statistics(model: nn.Module) -> list[dict]:
     return [_tensor_statistics(name, b) for name, b in model.named_buffers() if b.is_floating_point() and b.numel()]
 
 
-def dataset_for(config: TrainConfig) -> Dataset:
-    """The dataset a config trains on (the shapes set depends on ``shapes_seed``, not ``seed``)."""
-    return load_dataset(config.dataset, config.data, config.shapes_train, config.shapes_test, seed=config.shapes_seed)
-
-
-def make_loaders(config: TrainConfig, device: torch.device, rank: int = 0,
-                 world_size: int = 1) -> tuple[BatchLoader, BatchLoader, tuple[str, ...]]:
-    """Train and test loaders of a config, and the class names."""
-    if config.data and Path(config.data).exists() and not Path(config.data).is_dir():
-        raise DataError(f"--data {config.data} is a file; give the folder that holds the data set")
-    if config.dataset == "folder":
-        from .folder_data import FolderLoader, ImageFolder
-
-        if not config.data:
-            raise DataError("dataset = folder needs --data ROOT holding train/<class>/ and "
-                            f"{config.val_split}/<class>/ image folders")
-        common = dict(image_size=config.image_size, resize=config.resize, on_bad_image=config.on_bad_image,
-                      seed=config.seed)
-        train_set = ImageFolder(config.data, "train", train=True, **common)
-        test_set = ImageFolder(config.data, config.val_split, train=False, classes=train_set.classes, **common)
-        loader = dict(workers=config.workers, seed=config.seed, device=device, channels_last=config.channels_last,
-                      rank=rank, world_size=world_size)
-        return (FolderLoader(train_set, config.batch_size, train=True, **loader),
-                FolderLoader(test_set, config.eval_batch_size, train=False, **loader), tuple(train_set.classes))
-    dataset = dataset_for(config)
-    mean, std = normalization(dataset.train_images, config.normalize)
-    common = dict(mean=mean, std=std, device=device, channels_last=config.channels_last, rank=rank,
-                  world_size=world_size)
-    train = BatchLoader(dataset.train_images, dataset.train_labels, config.batch_size, train=True,
-                        augment=config.augment, seed=config.seed, **common)
-    test = BatchLoader(dataset.test_images, dataset.test_labels, config.eval_batch_size, **common)
-    return train, test, dataset.classes
-
-
 def default_run_name(config: TrainConfig) -> str:
     parts = [config.model, config.init, config.reg]
     if config.modulation:
@@ -243,6 +208,7 @@ class Trainer:
                            f"{self.world.world_size} processes")
         name = self.world.broadcast(config.name or default_run_name(config))  # one folder for all ranks
         self.run_dir = Path(run_dir) if run_dir is not None else Path(config.out) / name
+        self.folder = RunFolder(self.run_dir)
         self.resume = resume
         self.progress = progress and self.world.is_main
         self._stop_signal: int | None = None
@@ -255,6 +221,14 @@ class Trainer:
         problem = self.world.broadcast(problem)  # every process stops, not only the one that looked
         if problem is not None:
             raise RunError(problem)
+        try:  # model, loaders, optimizer, regularizer, modulator: ready before run()
+            self._build()
+        except OSError as exc:  # an unreadable data file or folder
+            self._release_lock()
+            raise RunError(f"cannot read the data: {exc.filename or ''}: {exc.strerror or exc}") from None
+        except BaseException:
+            self._release_lock()
+            raise
 
     # -- setup --------------------------------------------------------------------------------
     def _open_run_folder(self) -> str | None:
@@ -323,7 +297,7 @@ class Trainer:
         self.wall_time_before = 0.0
 
     def _restore(self) -> None:
-        state = load_checkpoint(self.run_dir / "checkpoint.pt", map_location=self.device)
+        state = self.folder.load_checkpoint(map_location=self.device)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -348,27 +322,7 @@ class Trainer:
         self.wall_time_before = state["wall_time"]
         torch.set_rng_state(state["torch_rng"])
         if self.world.is_main:
-            self._truncate_metrics(self.step)
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines written after the checkpoint: they will be written again."""
-        for name in ("metrics.jsonl", "diagnostics.jsonl"):
-            self._truncate_jsonl(self.run_dir / name, step)
-
-    @staticmethod
-    def _truncate_jsonl(path: Path, step: int) -> None:
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut by a crash mid-write
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+            self.folder.truncate_records(self.step)  # lines after the checkpoint are written again
 
     # -- bookkeeping --------------------------------------------------------------------------
     def _wall_time(self) -> float:
@@ -382,7 +336,7 @@ class Trainer:
                                                                                      window["count"]]))
         if not self.world.is_main:
             return
-        save_checkpoint(self.run_dir / "checkpoint.pt", {
+        self.folder.save_checkpoint({
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "modulator": self.modulator.state_dict() if self.config.modulation else None,
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -396,8 +350,7 @@ class Trainer:
     def _log(self, record: dict, file: str = "metrics.jsonl") -> None:
         if not self.world.is_main:
             return
-        with open(self.run_dir / file, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.folder.append(record, file)
 
     def _summary(self, status: str, **extra) -> dict:
         cfg = self.config
@@ -425,7 +378,7 @@ class Trainer:
         if self.world.distributed:
             summary["world_size"] = self.world.world_size
         if self.world.is_main:
-            save_json(self.run_dir / "summary.json", summary)
+            self.folder.write_summary(summary)
         return summary
 
     def _evaluate(self) -> None:
@@ -436,8 +389,8 @@ class Trainer:
         if acc > self.best_acc:
             self.best_acc, self.best_step = acc, self.step
             if self.world.is_main:
-                    save_checkpoint(self.run_dir / "best.pt", {"model": self.model.state_dict(), "step": self.step,
-                                                           "test_acc": acc, "config": self.config.to_dict()})
+                self.folder.save_checkpoint({"model": self.model.state_dict(), "step": self.step, "test_acc": acc,
+                                             "config": self.config.to_dict()}, "best.pt")
         self._summary("running")
 
     def _on_signal(self, signum, frame) -> None:
@@ -452,7 +405,6 @@ class Trainer:
         """Train; return the summary (also written to ``summary.json``)."""
         self._session_start = time.perf_counter()
         try:
-            self._build()
             return self._run()
         except OSError as exc:  # disk full, folder removed or made read-only mid-run
             problem = exc.strerror or str(exc)
@@ -469,9 +421,8 @@ class Trainer:
         if self.resume:
             self._restore()
         elif self.world.is_main:
-            save_json(self.run_dir / "config.json", self.config.to_dict())
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            (self.run_dir / "diagnostics.jsonl").unlink(missing_ok=True)
+            self.folder.write_config(self.config.to_dict())
+            self.folder.clear_records()
             if self.config.diagnostics_every:
                 names = [name for name, _ in diagnostics.weighted_layers(self.model)]
                 self._log({"kind": "layers", "step": 0, "names": names}, "diagnostics.jsonl")
