@@ -284,13 +284,30 @@ def conv_orthogonality_penalty(weight: torch.Tensor, stride: int | tuple[int, ..
     return (out - target).square().sum()
 
 
+def _grouped_conv_orthogonality(weights: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """:func:`conv_orthogonality_penalty` of ``B`` same-shape kernels ``(B, C_out, C_in, k...)`` in
+    one grouped conv (group ``b`` convolves kernel ``b`` with itself); returns the ``B`` penalties."""
+    b, c_out, c_in = weights.shape[:3]
+    kernel = weights.shape[3:]
+    padding = tuple((k - 1) // s * s for k, s in zip(kernel, stride))
+    conv = (F.conv1d, F.conv2d, F.conv3d)[len(kernel) - 1]
+    images = weights.transpose(0, 1).reshape(c_out, b * c_in, *kernel)  # image o: row o of every kernel
+    out = conv(images, weights.reshape(b * c_out, c_in, *kernel), stride=stride, padding=padding, groups=b)
+    out = out.reshape(c_out, b, c_out, *out.shape[2:]).transpose(0, 1)  # (B, C_out, C_out, shifts...)
+    centre = tuple(n // 2 for n in out.shape[3:])
+    eye = torch.eye(c_out, dtype=out.dtype, device=out.device)
+    residual = out.clone()
+    residual[(slice(None), slice(None), slice(None)) + centre] -= eye
+    return residual.square().flatten(1).sum(1)
+
+
 class ConvOrthogonalityRegularizer:
     """``coeff/2 * sum_l conv_orthogonality_penalty(K_l, stride_l)`` over a model's convs (each
     with its own stride) and linear layers, with the interface of :class:`OrthonormalRegularizer`.
 
     The ``1/2`` makes ``coeff`` play the role it plays for weight decay and for the paper's
-    regularizer. ``add_grad_`` differentiates the penalty of each weight alone (a small graph
-    per layer, not through the loss).
+    regularizer. ``add_grad_`` differentiates the penalty alone (not through the loss), with the
+    kernels of one shape and stride stacked into one grouped conv.
     """
 
     def __init__(self, model: nn.Module, coeff: float = 1e-1):
@@ -308,24 +325,37 @@ class ConvOrthogonalityRegularizer:
         if not self._layers:
             raise ValueError("ConvOrthogonalityRegularizer found no conv or linear weights to regularize")
         self.params = [w for w, _ in self._layers]
+        self._buckets: dict[tuple, list[torch.Tensor]] = {}
+        for weight, stride in self._layers:
+            dims = max(weight.dim() - 2, 1)
+            strides = (stride,) * dims if isinstance(stride, int) else tuple(stride)
+            self._buckets.setdefault((tuple(weight.shape), strides, weight.dtype, weight.device), []).append(weight)
+
+    @staticmethod
+    def _kernels(weights: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack(weights)
+        return stacked[..., None] if stacked.dim() == 3 else stacked  # a linear weight is a 1x1 conv
 
     def add_grad_(self) -> None:
         if self.coeff == 0:
             return
-        for weight, stride in self._layers:
-            if weight.grad is None:
+        for (_, stride, _, _), weights in self._buckets.items():
+            weights = [w for w in weights if w.grad is not None]
+            if not weights:
                 continue
             with torch.enable_grad():
-                leaf = weight.detach().requires_grad_()
-                (grad,) = torch.autograd.grad(conv_orthogonality_penalty(leaf, stride), leaf)
-            weight.grad.add_(grad, alpha=0.5 * self.coeff)
+                leaf = torch.stack([w.detach() for w in weights]).requires_grad_()
+                kernels = leaf[..., None] if leaf.dim() == 3 else leaf
+                (grad,) = torch.autograd.grad(_grouped_conv_orthogonality(kernels, stride).sum(), leaf)
+            torch._foreach_add_([w.grad for w in weights], list(grad.unbind(0)), alpha=0.5 * self.coeff)
 
     @torch.no_grad()
     def penalty(self) -> torch.Tensor:
         return self.loss()
 
     def loss(self) -> torch.Tensor:
-        return 0.5 * self.coeff * sum(conv_orthogonality_penalty(w, s) for w, s in self._layers)
+        return 0.5 * self.coeff * sum(_grouped_conv_orthogonality(self._kernels(weights), stride).sum()
+                                      for (_, stride, _, _), weights in self._buckets.items())
 
     def residuals(self) -> list[float]:
         with torch.no_grad():
