@@ -24,6 +24,8 @@ from itertools import combinations
 from statistics import fmean, stdev
 from pathlib import Path
 
+from orthomod.cli import EXIT_DIVERGED
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "paper"
 COLLECTED = ROOT / "docs" / "results" / "runs"
@@ -195,7 +197,9 @@ def run(only: str | None) -> None:
             cmd = [sys.executable, "-m", "orthomod", "train", *flags, *BASE, "--out", str(RUNS), "--name", name]
         print("$", " ".join(cmd), flush=True)
         code = subprocess.call(cmd)
-        if code != 0:
+        if code == EXIT_DIVERGED:  # a result, recorded in its summary.json: the queue goes on
+            print(f"{name}: diverged (exit code {code}), recorded", flush=True)
+        elif code != 0:
             print(f"{name}: exit code {code}; stopping the queue", flush=True)
             sys.exit(code)
 
