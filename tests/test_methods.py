@@ -4,6 +4,7 @@ Delta-orthogonal init (Xiao et al. 2018), the Dirac init and parametrization (Di
 SReLU (ISONet), SRIP (Bansal et al. 2018) and the conv-orthogonality regularizer (OCNN).
 """
 import json
+import signal
 
 import pytest
 import torch
@@ -245,13 +246,24 @@ def test_every_regularizer_shares_the_interface():
     ["--parametrization", "dirac", "--reg", "l2", "--modulation", "on"],
     ["--init", "orthonormal", "--reg", "srip"],
 ])
-def test_combinations_train_and_resume(tmp_path, flags):
+def test_combinations_train_and_resume(tmp_path, flags, monkeypatch):
     toml = tmp_path / "t.toml"
     toml.write_text('model = "plain8"\nshapes_train = 100\nshapes_test = 50\nbatch_size = 25\n')
     base = ["train", "--config", str(toml), "--out", str(tmp_path), "--name", "r", "--no-progress",
             "--checkpoint-every", "2", *flags]
-    assert main([*base, "--iterations", "3"]) == 0
+    original, stopped = Trainer._agree_on_loss, []
+
+    def stop_once_at_step_2(self, loss):  # as a SIGTERM would: checkpoint at step 2, then exit
+        if self.step == 1 and not stopped:
+            stopped.append(True)
+            self._stop_signal = signal.SIGTERM
+        return original(self, loss)
+
+    monkeypatch.setattr(Trainer, "_agree_on_loss", stop_once_at_step_2)
+    assert main([*base, "--iterations", "3"]) == 128 + signal.SIGTERM
+    assert main(["train", "--resume", str(tmp_path / "r"), "--no-progress"]) == 0
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["step"] == 3
     assert summary["status"] == "completed" and summary["final_train_loss"] == summary["final_train_loss"]
     assert main(["eval", str(tmp_path / "r")]) == 0
     if "--parametrization" in flags:  # the report rebuilds the parametrized net for Fig. 6
