@@ -87,3 +87,11 @@ def test_init_model_msra_uses_fan_out_std():
 def test_init_model_unknown_scheme():
     with pytest.raises(ValueError, match="unknown init scheme 'xavierr'; choose one of"):
         init_model_(nn.Linear(2, 2), "xavierr")
+
+
+def test_orthonormal_refuses_integer_and_empty_tensors():
+    with pytest.raises(TypeError, match="floating-point tensor, got torch.int64"):
+        orthonormal_(torch.empty(4, 3, dtype=torch.int64))
+    for shape in ((0, 3), (3, 0), (4, 0, 3, 3)):
+        with pytest.raises(ValueError, match="cannot orthonormalize an empty weight"):
+            orthonormal_(torch.empty(shape))

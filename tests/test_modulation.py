@@ -156,6 +156,7 @@ def test_state_dict_roundtrip_and_validation():
     a = ErrorModulator(chain, until_step=5)
     for _ in range(3):
         a.step()
+    a.remove()  # one modulator per model at a time
     b = ErrorModulator(chain, until_step=5)
     b.load_state_dict(a.state_dict())
     assert b.step_count == 3
@@ -285,3 +286,15 @@ def test_device_and_host_rules_give_the_same_bits(tau, rule):
     (grads_device, stats_device), (grads_host, stats_host) = results
     assert stats_device == stats_host and any(s != 1.0 for s in stats_host["scales"])
     assert all(torch.equal(a, b) for a, b in zip(grads_device, grads_host))
+
+
+def test_a_second_modulator_on_one_model_is_refused_until_the_first_is_removed():
+    model = create("plain8")
+    first = ErrorModulator(model)
+    with pytest.raises(ValueError, match="already has an ErrorModulator: a second one would scale every error twice"):
+        ErrorModulator(model)
+    first.remove()
+    ErrorModulator(model).remove()  # fine once the first is gone
+    copy.deepcopy(model)  # a copy of a model is another model: it may get its own
+    with ErrorModulator(copy.deepcopy(create("plain8"))):
+        pass

@@ -33,13 +33,18 @@ def group_slices(f_out: int, f_in: int) -> list[slice]:
 
 
 def check_weight(tensor: torch.Tensor) -> tuple[int, int]:
-    """``(f_out, f_in)`` of a weight with at least 2 dimensions, or a ValueError saying why not."""
+    """``(f_out, f_in)`` of a floating-point weight with at least 2 dimensions, or a ValueError
+    (TypeError for a non-floating dtype) saying why not."""
+    if not tensor.is_floating_point():
+        raise TypeError(f"orthonormal weights need a floating-point tensor, got {tensor.dtype}")
     if tensor.dim() < 2:
         raise ValueError(
             f"orthonormal weights need at least 2 dimensions (f_out, f_in, ...), got shape {tuple(tensor.shape)}"
         )
     f_out = tensor.shape[0]
-    f_in = tensor[0].numel()
+    f_in = 1
+    for size in tensor.shape[1:]:
+        f_in *= size
     if f_out == 0 or f_in == 0:
         raise ValueError(f"cannot orthonormalize an empty weight of shape {tuple(tensor.shape)}")
     return f_out, f_in

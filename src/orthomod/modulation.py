@@ -44,6 +44,7 @@ What "mismatch" means is open in the paper (docs/METHOD-NOTES.md); two rules are
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -136,6 +137,12 @@ class ErrorModulator:
         self.layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
         if not self.layers:
             raise ValueError("ErrorModulator found no conv layers in the model")
+        owner = getattr(model, "_orthomod_modulator", None)
+        if owner is not None and owner() is not None and owner()._handles and owner()._model() is model:
+            raise ValueError("this model already has an ErrorModulator: a second one would scale every error "
+                             "twice; call .remove() on the first (or use it)")
+        model._orthomod_modulator = weakref.ref(self)
+        self._model = weakref.ref(model)
         self._order: dict[int, int] = {}  # id(layer) -> position in the forward pass
         self._current: _Pass | None = None
         self._last: _Pass | None = None
@@ -254,6 +261,10 @@ class ErrorModulator:
             handle.remove()
         self._handles.clear()
         self._current = None
+        model = self._model()
+        if model is not None and getattr(model, "_orthomod_modulator", None) is not None \
+                and model._orthomod_modulator() is self:
+            del model._orthomod_modulator
 
     def __enter__(self) -> "ErrorModulator":
         return self
