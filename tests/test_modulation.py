@@ -295,6 +295,6 @@ def test_a_second_modulator_on_one_model_is_refused_until_the_first_is_removed()
         ErrorModulator(model)
     first.remove()
     ErrorModulator(model).remove()  # fine once the first is gone
-    copy.deepcopy(model)  # a copy of a model is another model: it may get its own
-    with ErrorModulator(copy.deepcopy(create("plain8"))):
-        pass
+    with ErrorModulator(model):
+        twin = copy.deepcopy(model)  # a copy is another model: it may get its own
+        ErrorModulator(twin).remove()
