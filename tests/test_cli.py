@@ -132,3 +132,14 @@ def test_a_config_file_can_start_from_a_preset(tmp_path):
     unknown.write_text('base = "plain45"\n')
     with pytest.raises(ConfigError, match="'plain45' is neither a file nor a preset"):
         load_config_file(str(unknown))
+
+
+@pytest.mark.slow
+def test_output_into_a_closed_pipe_is_no_traceback():
+    import subprocess
+    import sys
+
+    # `true` exits before orthomod has started, so every write meets a closed pipe
+    done = subprocess.run(f"{sys.executable} -m orthomod presets | true", shell=True, capture_output=True,
+                          text=True, timeout=120)
+    assert done.stderr == ""  # (the exit status of a pipeline is that of `true`)

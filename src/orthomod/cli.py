@@ -301,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     except OrthomodError as exc:
         print(f"orthomod: error: {exc}", file=sys.stderr)
         code = EXIT_INVALID
+    except BrokenPipeError:  # the output went into `head` or the like, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        code = 0
     _leave_process_group(code)
     return code
 
