@@ -12,47 +12,29 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from orthomod import create
 from orthomod.hardware import Precision, choose_precision, cpu_bf16_feature
-from orthomod.regularizers import split_decay_parameters
 
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from bench_step import cpu_model
+from bench_step import make_step as make_method_step
 
 
 def make_step(base: torch.nn.Module, precision: str, channels_last: bool):
+    """bench_step's weight-decay step, in ``precision``, with or without channels_last."""
     model = copy.deepcopy(base)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    weights, others = split_decay_parameters(model)
-    opt = torch.optim.SGD([{"params": weights, "weight_decay": 1e-4}, {"params": others, "weight_decay": 0.0}],
-                          lr=0.01, momentum=0.9)
-    mixed = Precision(precision, "benchmark")
+    step = make_method_step("l2", model, tau=1.0, precision=Precision(precision, "benchmark"))
 
-    def step(x, y):
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with mixed.autocast(torch.device("cpu")):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def run(x, y):
+        step(x.contiguous(memory_format=torch.channels_last) if channels_last else x, y)
 
-    return step
+    return run
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import torch
 from orthomod import create
 from orthomod.regularizers import REGULARIZERS, make_regularizer
 
-from bench_precision import cpu_model
+from bench_step import cpu_model
 
 
 def main() -> None:

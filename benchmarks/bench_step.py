@@ -25,13 +25,21 @@ import torch
 import torch.nn.functional as F
 
 from orthomod import ErrorModulator, OrthonormalRegularizer, create
-from orthomod.regularizers import make_regularizer
 from orthomod.hardware import choose_precision
-from orthomod.regularizers import split_decay_parameters
-
-from bench_precision import cpu_model
+from orthomod.regularizers import make_regularizer, split_decay_parameters
 
 CPU = torch.device("cpu")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (for the record beside every timing)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def make_step(name: str, base: torch.nn.Module, tau: float, precision):

@@ -33,7 +33,7 @@ from orthomod.models import create
 from orthomod.hardware import choose_precision
 from orthomod.train import Trainer
 
-from bench_precision import cpu_model
+from bench_step import cpu_model
 
 
 def hand_written_loop(model_name: str, dataset, steps: int, batch_size: int, warmup: int, precision) -> float:

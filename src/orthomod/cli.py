@@ -248,8 +248,7 @@ def _analyze(args: argparse.Namespace) -> int:
         raise ConfigError(f"--gamma must be a finite number, got {args.gamma}")
     if not (math.isfinite(args.eps) and args.eps > 0):
         raise ConfigError(f"--eps must be a finite number > 0, got {args.eps}")
-    if args.out:
-        _output_folder(args.out)
+    out = _output_folder(args.out) if args.out else None  # checked before the work, used after it
     generator = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, dtype=torch.float64, generator=generator)
     result = bn_jacobian(x, gamma=args.gamma, eps=args.eps)
@@ -259,14 +258,12 @@ def _analyze(args: argparse.Namespace) -> int:
     print(f"two smallest eigenvalues of J J^T: {eig[0]:.3g}, {eig[1]:.3g}")
     print(f"the other {args.batch - 2}: {eig[2]:.6g} .. {eig[-1]:.6g}; "
           f"largest |lambda / rho^2 - 1| = {result['relative_deviation']:.3g}")
-    if args.out:
+    if out is not None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(range(1, args.batch + 1), eig.numpy(), "o", ms=3, label="eigenvalues of J J^T")
         ax.axhline(result["rho2"], color="C1", label="rho^2")

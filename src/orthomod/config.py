@@ -267,11 +267,12 @@ def _read_config(path_or_preset: str, seen: tuple[str, ...] = ()) -> dict:
     if "null" in values.values():
         raise ConfigError(f"config file {path}: TOML has no null; leave a key out to keep its default")
     base = values.pop("base", None)
-    if base is not None:
-        if not isinstance(base, str):
-            raise ConfigError(f"config file {path}: base must be the name of a preset or a file, got {base!r}")
-        values = {**_read_config(base, seen + (path_or_preset,)), **_legacy_bf16(values, str(path))}
-    return _legacy_bf16(values, str(path))
+    values = _legacy_bf16(values, str(path))
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: base must be the name of a preset or a file, got {base!r}")
+    return {**_read_config(base, seen + (path_or_preset,)), **values}
 
 
 def load_config_file(path_or_preset: str) -> dict:

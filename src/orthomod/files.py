@@ -144,9 +144,6 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
     def is_run(self) -> bool:
         return (self.path / "config.json").is_file()
 
@@ -195,7 +192,7 @@ class RunFolder:
             path = self.path / name
             if not path.exists():
                 continue
-            kept = [json.dumps(r) for r in self.records(name) if isinstance(r, dict) and r.get("step", 0) <= step]
+            kept = [json.dumps(r) for r in self.records(name) if isinstance(r, dict) and "step" in r and r["step"] <= step]
             text = "".join(line + "\n" for line in kept)
             _replace_from_tmp(path, lambda f: f.write(text.encode()))
 

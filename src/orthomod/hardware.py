@@ -97,18 +97,15 @@ class Precision:
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
 
-def _cuda_native_bf16(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (8, 0)  # Ampere and newer
-
-
 def choose_precision(requested: str, device: torch.device) -> Precision:
     """Resolve ``auto`` (or check a named precision) for ``device``; see the module docstring."""
     if requested not in PRECISIONS:
         raise HardwareError(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
     kind = device.type
     if kind == "cuda":
-        native = _cuda_native_bf16(device)
-        gpu = f"{torch.cuda.get_device_name(device)} (compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))})"
+        capability = torch.cuda.get_device_capability(device)
+        native = capability >= (8, 0)  # Ampere and newer
+        gpu = f"{torch.cuda.get_device_name(device)} (compute capability {'.'.join(map(str, capability))})"
         if requested == "auto":
             if native:
                 return Precision("bf16", f"auto: {gpu} has native bf16")

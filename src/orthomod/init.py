@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["orthonormal_", "delta_orthogonal_", "dirac_delta", "group_slices", "check_weight", "init_model_",
-           "INIT_SCHEMES"]
+__all__ = ["orthonormal_", "delta_orthogonal_", "dirac_delta", "group_slices", "check_weight", "is_weight_layer",
+           "init_model_", "INIT_SCHEMES"]
 
 INIT_SCHEMES = ("orthonormal", "msra", "default", "delta-orthogonal", "dirac", "suo-delta")
 
@@ -60,28 +60,23 @@ def orthonormal_(
     ``V V^T = I`` holds to the tensor's precision.
     """
     f_out, f_in = check_weight(tensor)
-    device = generator.device if generator is not None else torch.device("cpu")
     rows = torch.empty(f_out, f_in, dtype=torch.float64)
     for group in group_slices(f_out, f_in):
-        k = group.stop - group.start
-        gaussian = torch.randn(f_in, k, dtype=torch.float64, device=device, generator=generator).cpu()
-        q, r = torch.linalg.qr(gaussian)
-        q = q * torch.sign(torch.diagonal(r)).masked_fill(torch.diagonal(r) == 0, 1.0)
-        rows[group] = q.T
+        rows[group] = _semi_orthogonal(group.stop - group.start, f_in, generator)
     with torch.no_grad():
         tensor.copy_((gain * rows).reshape(tensor.shape))
     return tensor
 
 
 def _semi_orthogonal(rows: int, cols: int, generator: torch.Generator | None) -> torch.Tensor:
-    """A ``(rows, cols)`` float64 matrix with orthonormal columns (rows >= cols) or rows, drawn
+    """A ``(rows, cols)`` float64 matrix with orthonormal columns (rows > cols) or rows, drawn
     uniformly (the Q factor of a Gaussian matrix with the signs of R's diagonal folded in)."""
     device = generator.device if generator is not None else torch.device("cpu")
     gaussian = torch.randn(max(rows, cols), min(rows, cols), dtype=torch.float64, device=device,
                            generator=generator).cpu()
     q, r = torch.linalg.qr(gaussian)
     q = q * torch.sign(torch.diagonal(r)).masked_fill(torch.diagonal(r) == 0, 1.0)
-    return q if rows >= cols else q.T
+    return q if rows > cols else q.T  # square: q.T, the draw orthonormal_ has always made
 
 
 def _conv_centre(tensor: torch.Tensor, what: str) -> tuple[int, ...]:
@@ -131,7 +126,8 @@ def dirac_delta(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> t
     return delta
 
 
-def _is_weighted_layer(module: nn.Module) -> bool:
+def is_weight_layer(module: nn.Module) -> bool:
+    """Conv1d/2d/3d or Linear: the layers whose weight the initializers set."""
     return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
 
 
@@ -160,7 +156,7 @@ def init_model_(model: nn.Module, scheme: str = "msra", generator: torch.Generat
 
         return init_tat_(model)
     for name, module in model.named_modules():
-        if _is_weighted_layer(module):
+        if is_weight_layer(module):
             if scheme in ("delta-orthogonal", "dirac") and not isinstance(module, nn.Linear):
                 _init_identity_like(name, module, scheme, generator)
             elif scheme == "delta-orthogonal":

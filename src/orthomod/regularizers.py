@@ -203,8 +203,8 @@ class SRIPRegularizer:
 
     @staticmethod
     def _matrix(weight: torch.Tensor) -> torch.Tensor:
-        v = weight.reshape(weight.shape[0], -1)
-        return v @ v.T - torch.eye(v.shape[0], dtype=v.dtype, device=v.device)
+        """``A = V V^T - I`` of one weight (no groups: SRIP's definition)."""
+        return _residual(weight.reshape(1, weight.shape[0], -1))[0]
 
     @torch.no_grad()
     def _refine(self, iterations: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -274,14 +274,12 @@ def conv_orthogonality_penalty(weight: torch.Tensor, stride: int | tuple[int, ..
         raise ValueError(f"conv_orthogonality_penalty takes a Linear or Conv1d/2d/3d weight, got shape "
                          f"{tuple(weight.shape)}")
     strides = (stride,) * dims if isinstance(stride, int) else tuple(stride)
-    kernel = weight.shape[2:]
-    padding = tuple((k - 1) // s * s for k, s in zip(kernel, strides))
-    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-    out = conv(weight, weight, stride=strides, padding=padding)
-    target = torch.zeros_like(out)
-    centre = tuple(n // 2 for n in out.shape[2:])
-    target[(slice(None), slice(None)) + centre] = torch.eye(weight.shape[0], dtype=out.dtype, device=out.device)
-    return (out - target).square().sum()
+    return _grouped_conv_orthogonality(weight[None], strides)[0]
+
+
+def _as_kernels(stacked: torch.Tensor) -> torch.Tensor:
+    """``(B, C_out, C_in, k...)`` from stacked weights; a linear weight is a 1-D conv of size 1."""
+    return stacked[..., None] if stacked.dim() == 3 else stacked
 
 
 def _grouped_conv_orthogonality(weights: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
@@ -316,25 +314,24 @@ class ConvOrthogonalityRegularizer:
         if not isinstance(model, nn.Module):
             raise TypeError("ConvOrthogonalityRegularizer takes a model (it needs each conv's stride)")
         self.coeff = float(coeff)
-        layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-        self._layers = [(m.weight, getattr(m, "stride", 1)) for m in model.modules() if isinstance(m, layers)]
+        self._layers: list[tuple[torch.Tensor, tuple[int, ...]]] = []
+        self._buckets: dict[tuple, list[torch.Tensor]] = {}  # weights of one shape and stride: one grouped conv
         for name, m in model.named_modules():
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and (m.groups != 1 or m.dilation != (1,) * len(m.dilation)):
-                raise ValueError(f"the conv-orthogonality penalty is defined for ungrouped, undilated convs; layer "
-                                 f"{name!r} has groups={m.groups}, dilation={m.dilation}")
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                if m.groups != 1 or m.dilation != (1,) * len(m.dilation):
+                    raise ValueError(f"the conv-orthogonality penalty is defined for ungrouped, undilated convs; "
+                                     f"layer {name!r} has groups={m.groups}, dilation={m.dilation}")
+                stride = tuple(m.stride)
+            elif isinstance(m, nn.Linear):
+                stride = (1,)
+            else:
+                continue
+            self._layers.append((m.weight, stride))
+            self._buckets.setdefault((tuple(m.weight.shape), stride, m.weight.dtype, m.weight.device),
+                                     []).append(m.weight)
         if not self._layers:
             raise ValueError("ConvOrthogonalityRegularizer found no conv or linear weights to regularize")
         self.params = [w for w, _ in self._layers]
-        self._buckets: dict[tuple, list[torch.Tensor]] = {}
-        for weight, stride in self._layers:
-            dims = max(weight.dim() - 2, 1)
-            strides = (stride,) * dims if isinstance(stride, int) else tuple(stride)
-            self._buckets.setdefault((tuple(weight.shape), strides, weight.dtype, weight.device), []).append(weight)
-
-    @staticmethod
-    def _kernels(weights: list[torch.Tensor]) -> torch.Tensor:
-        stacked = torch.stack(weights)
-        return stacked[..., None] if stacked.dim() == 3 else stacked  # a linear weight is a 1x1 conv
 
     def add_grad_(self) -> None:
         if self.coeff == 0:
@@ -345,8 +342,7 @@ class ConvOrthogonalityRegularizer:
                 continue
             with torch.enable_grad():
                 leaf = torch.stack([w.detach() for w in weights]).requires_grad_()
-                kernels = leaf[..., None] if leaf.dim() == 3 else leaf
-                (grad,) = torch.autograd.grad(_grouped_conv_orthogonality(kernels, stride).sum(), leaf)
+                (grad,) = torch.autograd.grad(_grouped_conv_orthogonality(_as_kernels(leaf), stride).sum(), leaf)
             torch._foreach_add_([w.grad for w in weights], list(grad.unbind(0)), alpha=0.5 * self.coeff)
 
     @torch.no_grad()
@@ -354,7 +350,7 @@ class ConvOrthogonalityRegularizer:
         return self.loss()
 
     def loss(self) -> torch.Tensor:
-        return 0.5 * self.coeff * sum(_grouped_conv_orthogonality(self._kernels(weights), stride).sum()
+        return 0.5 * self.coeff * sum(_grouped_conv_orthogonality(_as_kernels(torch.stack(weights)), stride).sum()
                                       for (_, stride, _, _), weights in self._buckets.items())
 
     def residuals(self) -> list[float]:

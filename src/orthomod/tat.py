@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .init import is_weight_layer
+
 __all__ = ["TATActivation", "suo_delta_", "init_tat_"]
 
 
@@ -79,7 +81,7 @@ def init_tat_(model: nn.Module) -> nn.Module:
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"TAT is for nets without normalization layers; layer {name!r} is {type(module).__name__}")
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        if is_weight_layer(module):
             try:
                 suo_delta_(module.weight)
             except ValueError as exc:

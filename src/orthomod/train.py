@@ -34,7 +34,7 @@ from torch import nn
 
 from .config import TrainConfig
 from . import diagnostics
-from .data import BatchLoader, DataError, dataset_for, make_loaders  # noqa: F401 (re-exported)
+from .data import BatchLoader, make_loaders
 from .distributed import World, convert_sync_batchnorm
 from .errors import OrthomodError
 from .files import RunFolder, RunFolderError, RunLock
@@ -249,7 +249,7 @@ class Trainer:
             return f"cannot lock the run folder {folder} ({exc.strerror or exc}); choose another --out"
         if not self.resume and (folder / "checkpoint.pt").exists():
             problem = "already has a checkpoint"
-        elif not self.resume and (folder / "config.json").exists():
+        elif not self.resume and self.folder.is_run():
             problem = "already holds a run (config.json)"
         else:
             return None
