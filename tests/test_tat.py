@@ -71,6 +71,8 @@ def test_a_tat_net_and_its_refusals(tmp_path, capsys):
     assert len(acts) == 1 and next(m for m in model.modules() if isinstance(m, TATActivation)).depth == 19
     with pytest.raises(ValueError, match="without normalization layers; layer '0.1' is BatchNorm2d"):
         init_tat_(create("plain8", init=None))
+    with pytest.raises(ValueError, match="ungrouped convs; layer '0' has groups=2"):
+        init_tat_(torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2)))
     toml = tmp_path / "t.toml"
     toml.write_text('model = "plain20"\nshapes_train = 100\nshapes_test = 50\nbatch_size = 25\n')
     flags = ["train", "--config", str(toml), "--out", str(tmp_path), "--no-progress", "--iterations", "3"]

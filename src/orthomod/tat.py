@@ -77,11 +77,14 @@ class TATActivation(nn.Module):
 
 
 def init_tat_(model: nn.Module) -> nn.Module:
-    """:func:`suo_delta_` on every conv and linear weight, zero biases; BN layers are refused."""
+    """:func:`suo_delta_` on every conv and linear weight, zero biases; BN layers and grouped convs
+    are refused with an error naming the layer."""
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"TAT is for nets without normalization layers; layer {name!r} is {type(module).__name__}")
         if is_weight_layer(module):
+            if getattr(module, "groups", 1) != 1:  # SUO draws one orthogonal matrix per layer
+                raise ValueError(f"TAT's init is defined for ungrouped convs; layer {name!r} has groups={module.groups}")
             try:
                 suo_delta_(module.weight)
             except ValueError as exc:

@@ -1,0 +1,79 @@
+"""Time spent inside the ErrorModulator's hooks during forward + backward of a plain net.
+
+Each hook is wrapped with ``time.perf_counter``; the sums per step (after one warm-up step) say
+where the modulator's cost goes: the backward hooks (error moments and the rule), the parameter
+hooks (scaling the gradients) and the forward hooks (registering the backward hooks). Both ways
+of computing the rule are timed: on host floats (what CPU gradients use by default) and on
+device tensors (what accelerators use).
+
+    python benchmarks/bench_hooks.py --model plain110 --steps 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from orthomod import ErrorModulator, create
+
+from bench_step import cpu_model
+
+
+class _TimedModulator(ErrorModulator):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seconds = {"backward_hooks": 0.0, "parameter_hooks": 0.0, "forward_hooks": 0.0}
+
+    def _timed(self, key, method, *args):
+        start = time.perf_counter()
+        result = method(*args)
+        self.seconds[key] += time.perf_counter() - start
+        return result
+
+    def _backward_hook(self, *args):
+        return self._timed("backward_hooks", super()._backward_hook, *args)
+
+    def _parameter_hook(self, *args):
+        return self._timed("parameter_hooks", super()._parameter_hook, *args)
+
+    def _forward_hook(self, *args):
+        return self._timed("forward_hooks", super()._forward_hook, *args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="plain110")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch_size,))
+    result = {}
+    for on_device in (False, True):
+        model = create(args.model, init="orthonormal").to(memory_format=torch.channels_last)
+        modulator = _TimedModulator(model, tau=1.0, rule_on_device=on_device)
+        total = 0.0
+        for step in range(args.steps + 1):
+            if step == 1:  # the first step warms up; count the rest
+                modulator.seconds = dict.fromkeys(modulator.seconds, 0.0)
+                total = 0.0
+            start = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            total += time.perf_counter() - start
+        modulator.remove()
+        per_step = {k: round(1e3 * v / args.steps, 2) for k, v in modulator.seconds.items()}
+        result["rule on device tensors" if on_device else "rule on host floats"] = {
+            "ms_per_step": per_step, "fwd_bwd_ms_per_step": round(1e3 * total / args.steps, 1),
+            "hooks_fraction_of_fwd_bwd": round(sum(modulator.seconds.values()) / total, 4)}
+    print(json.dumps({"model": args.model, "batch_size": args.batch_size, "steps": args.steps, "cpu": cpu_model(),
+                      "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+                      "threads": torch.get_num_threads(), "result": result}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
