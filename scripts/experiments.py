@@ -162,6 +162,11 @@ EXPERIMENTS: dict[str, list[str]] = {
     # 4, 5. a third seed of the top rule: its first two seeds disagree (10.29% and 17.01%)
     "e4-plain110-ortho-modtop-s2": [*C10, "--model", "plain110", "--epochs", "4", "--seed", "2", *ORTHO,
                                     *mod(2.0, 400, "top")],
+    # The paper's full protocol (64k iterations, the paper-cifar preset), issue 18's order: plain-44
+    # orthonormality, plain-44 msra + L2, plain-110 with modulation for the first n iterations, always
+    **{f"f-{preset}-s0": ["--config", preset, "--seed", "0"]
+       for preset in ("plain44-ortho", "plain44-l2", "plain110-ortho-mod", "plain110-ortho-mod-always")},
+    **{f"f-{preset}-s1": ["--config", preset, "--seed", "1"] for preset in ("plain44-ortho", "plain44-l2")},
 }
 
 
