@@ -1,8 +1,9 @@
 """Time spent inside the ErrorModulator's hooks during forward + backward of a plain net.
 
 Each hook is wrapped with ``time.perf_counter``; the sums per step (after one warm-up step) say
-where the modulator's cost goes: the backward hooks (error moments and the rule), the parameter
-hooks (scaling the gradients) and the forward hooks (registering the backward hooks). Both ways
+where the modulator's cost goes: the backward hooks (error moments, the rule and the scaled
+error tensor) and the forward hooks (the walk down the autograd graph to the nearest modulated
+layers below, and registering the backward hook). Both ways
 of computing the rule are timed: on host floats (what CPU gradients use by default) and on
 device tensors (what accelerators use).
 
@@ -25,7 +26,7 @@ from bench_step import cpu_model
 class _TimedModulator(ErrorModulator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.seconds = {"backward_hooks": 0.0, "parameter_hooks": 0.0, "forward_hooks": 0.0}
+        self.seconds = {"backward_hooks": 0.0, "forward_hooks": 0.0}
 
     def _timed(self, key, method, *args):
         start = time.perf_counter()
@@ -35,9 +36,6 @@ class _TimedModulator(ErrorModulator):
 
     def _backward_hook(self, *args):
         return self._timed("backward_hooks", super()._backward_hook, *args)
-
-    def _parameter_hook(self, *args):
-        return self._timed("parameter_hooks", super()._parameter_hook, *args)
 
     def _forward_hook(self, *args):
         return self._timed("forward_hooks", super()._forward_hook, *args)

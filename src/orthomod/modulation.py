@@ -11,13 +11,23 @@ mismatch, scales its error before it propagates further down:
 Scaling the error at conv ``l``'s output also scales conv ``l``'s own weight gradient and
 everything below it: a per-layer, adaptive learning rate.
 
-Implementation: backpropagation is linear in the error, so scaling ``e^l`` by ``rho`` is the
-same as scaling by ``rho`` every parameter gradient that ``e^l`` produces further down. The
-modulator therefore never rewrites an activation gradient (a full extra pass over memory per
-layer); it keeps the product of the factors applied so far in the current backward pass and
-multiplies each parameter's gradient by it as the gradient is produced. Parameter gradients are
-exactly those of the explicit rule; the activation gradients that other hooks may see below a
-modulated layer are the raw ones, and the gradient with respect to the input is not scaled.
+On any autograd graph (docs/METHOD-NOTES.md, Modulation on graphs that are not chains). Each call
+of a modulated layer in a grad-enabled forward pass is a node of that pass, and the modulator
+scales the error tensor at the node's output itself, so a factor reaches exactly the part of the
+graph below the node it was measured at: through residual additions, concatenations, shared
+layers and two forward passes alike. "The layer above" node ``l`` is the set of modulated nodes
+nearest downstream of it on the error's path (the nodes whose input depends on ``l``'s output
+with no modulated node between, read from the autograd graph when their forward runs); on a
+chain it is the next conv. Its moment is the pooled one, the mean square over all their errors
+together. The top rule's ``q^L`` is the pooled moment of the topmost nodes above ``l`` (those
+with no modulated node above them). A node none of whose upper nodes took part in the current
+backward pass (``loss.backward()``, ``torch.autograd.grad``, each call on its own) is a top
+node and is left alone. State belongs to the pass and the backward call it came from.
+
+Activation checkpointing: ``torch.utils.checkpoint(..., use_reentrant=False)`` is followed
+exactly (its recomputation, run inside the backward pass, is recognised and ignored); the
+reentrant variant recomputes in a separate backward the modulator cannot see into, and a
+backward through it raises a ``RuntimeError`` naming the layer.
 
 What "mismatch" means is open in the paper (docs/METHOD-NOTES.md); two rules are offered:
 
@@ -43,16 +53,20 @@ What "mismatch" means is open in the paper (docs/METHOD-NOTES.md); two rules are
 """
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
-from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
+from .weights import CONV_TRANSPOSE_TYPES, CONV_TYPES, LayerFilter, weight_layers
+
 __all__ = ["ErrorModulator", "MODULATION_RULES"]
 
 MODULATION_RULES = ("consecutive", "top")
+_instances = itertools.count()
 
 
 def _root_sum_of_squares(t: torch.Tensor) -> torch.Tensor:
@@ -77,27 +91,57 @@ def _host_floats(values: list) -> list[float]:
     return [math.nan if v is None else next(host) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
-@dataclass
+def _refuse_reentrant(name: str, grad: torch.Tensor) -> None:
+    raise RuntimeError(f"ErrorModulator: layer {name!r} was recomputed inside the backward pass and its recomputed "
+                       "output is being backpropagated, as torch.utils.checkpoint(..., use_reentrant=True) does: "
+                       "the modulator cannot follow that separate backward. Use use_reentrant=False, which it "
+                       "follows exactly, or leave the layer out with filter=")
+
+
+def _pooled(moments: list, counts: list[int]):
+    """The mean square over several errors together, from their moments and sizes (one: itself)."""
+    if len(moments) == 1:
+        return moments[0]
+    return sum(q * n for q, n in zip(moments, counts)) / sum(counts)
+
+
+def _backward_task() -> int:
+    """The id of the backward call running on this thread, -1 outside backward (torch's own
+    test, used by ``torch.utils.checkpoint``)."""
+    return torch._C._current_graph_task_id()
+
+
 class _Pass:
-    """Moments of one forward/backward pass, filled from the top conv down."""
+    """The nodes of one forward pass, by layer index (for the statistics)."""
 
-    n_layers: int
-    modulate: bool
-    pending: torch.Tensor | float | None = None  # product of the factors applied so far (None: 1)
-    before: list = field(init=False)
-    after: list = field(init=False)
-    scale: list = field(init=False)
+    __slots__ = ("nodes",)
 
-    def __post_init__(self):
-        self.before, self.after, self.scale = ([None] * self.n_layers for _ in range(3))
+    def __init__(self):
+        self.nodes: dict[int, _Node] = {}
+
+
+class _Node:
+    """One call of a modulated layer in a grad-enabled forward pass."""
+
+    __slots__ = ("index", "pass_", "modulate", "above", "task", "numel", "before", "after", "scale", "tops")
+
+    def __init__(self, index: int, pass_: _Pass, modulate: bool):
+        self.index, self.pass_, self.modulate = index, pass_, modulate
+        self.above: list[_Node] = []  # the nearest modulated nodes downstream (filled by their forward)
+        self.task = -1  # the backward call that last reached this node
+        self.numel = 0
+        self.before = self.after = self.scale = None
+        self.tops: tuple[_Node, ...] = ()
 
 
 class ErrorModulator:
-    """Attach backward error modulation to the conv layers of ``model`` (in forward order).
+    """Attach backward error modulation to the conv layers of ``model``.
 
     Args:
-        model: any module; its ``nn.Conv1d/2d/3d`` layers are the modulated layers, ordered by
-            when they run in the forward pass (the first training forward pass fixes it).
+        model: any module; its conv and transposed-conv layers (``Conv1d/2d/3d``,
+            ``ConvTranspose1d/2d/3d``; :mod:`orthomod.weights`) are the modulated layers, numbered
+            in the order they first run in a grad-enabled forward pass (the first training pass
+            fixes it). Any graph: see the module docstring.
         tau: band half-width (``>= 1``); ``1`` modulates every layer.
         until_step: modulate during the first ``until_step`` calls of :meth:`step` (one per
             training iteration); ``None`` means always, ``0`` never.
@@ -107,10 +151,14 @@ class ErrorModulator:
         rule_on_device: compute the rule with device tensors (no host sync in the backward
             pass) or with host floats; ``None`` (default): device tensors on accelerators, host
             floats for CPU gradients, where reading a value waits for nothing. Same results.
+        filter: which weight layers to modulate (:mod:`orthomod.weights`): a predicate
+            ``(name, module) -> bool`` or a list of module types, e.g. ``[nn.Conv2d, nn.Linear]``
+            to modulate the classifier too.
 
     After each backward pass, :attr:`moments_before`, :attr:`moments_after` (per layer, forward
     order) and :attr:`scales` (the factor applied to each layer's error, 1.0 when untouched)
     describe it; :attr:`scaled` says which layers were modulated. The forward pass is unchanged.
+    Call :meth:`step` once per iteration: ``until_step`` counts those calls.
     """
 
     def __init__(
@@ -121,34 +169,43 @@ class ErrorModulator:
         rule: str = "consecutive",
         monitor: bool = False,
         rule_on_device: bool | None = None,
+        filter: LayerFilter = None,
     ):
+        self.tau, self.until_step, self.rule = self._checked(tau, until_step, rule)
+        self.monitor = monitor
+        self.rule_on_device = rule_on_device
+        self.step_count = 0
+        named = weight_layers(model, filter, default=CONV_TYPES + CONV_TRANSPOSE_TYPES, user="ErrorModulator")
+        if not named:
+            raise ValueError("ErrorModulator found no conv layers in the model" +
+                             (" that the filter accepts" if filter is not None else ""))
+        self.layers = [m for _, m in named]
+        self._names = {id(m): name or "<model>" for name, m in named}
+        for name, layer in named:
+            owner = getattr(layer, "_orthomod_modulator", None)
+            owner = owner() if owner is not None else None
+            if owner is not None and owner._handles and id(layer) in owner._names:
+                raise ValueError(f"layer {name or '<model>'!r} already has an ErrorModulator: a second one would "
+                                 "scale every error twice; call .remove() on the first (or use it)")
+        for layer in self.layers:
+            layer._orthomod_modulator = weakref.ref(self)
+        self._tag = f"orthomod.modulator.{next(_instances)}"  # marks this modulator's nodes on the graph
+        self._memo = self._tag + ".below"
+        self._order: dict[int, int] = {}  # id(layer) -> position in the forward pass
+        self._current: _Pass | None = None
+        self._last: tuple[_Pass, int] | None = None  # the pass and backward call last reached
+        self._statistics: tuple[tuple, dict] | None = None  # host copy of _last's numbers
+        self._handles = [layer.register_forward_hook(self._forward_hook) for layer in self.layers]
+
+    @staticmethod
+    def _checked(tau, until_step, rule) -> tuple[float, int | None, str]:
         if not tau >= 1.0:
             raise ValueError(f"tau must be >= 1 (1 modulates every layer), got {tau}")
         if until_step is not None and until_step < 0:
             raise ValueError(f"until_step must be >= 0 or None, got {until_step}")
         if rule not in MODULATION_RULES:
             raise ValueError(f"unknown modulation rule {rule!r}; choose one of {', '.join(MODULATION_RULES)}")
-        self.tau = float(tau)
-        self.until_step = until_step
-        self.rule = rule
-        self.monitor = monitor
-        self.rule_on_device = rule_on_device
-        self.step_count = 0
-        self.layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-        if not self.layers:
-            raise ValueError("ErrorModulator found no conv layers in the model")
-        owner = getattr(model, "_orthomod_modulator", None)
-        if owner is not None and owner() is not None and owner()._handles and owner()._model() is model:
-            raise ValueError("this model already has an ErrorModulator: a second one would scale every error "
-                             "twice; call .remove() on the first (or use it)")
-        model._orthomod_modulator = weakref.ref(self)
-        self._model = weakref.ref(model)
-        self._order: dict[int, int] = {}  # id(layer) -> position in the forward pass
-        self._current: _Pass | None = None
-        self._last: _Pass | None = None
-        self._statistics: tuple[_Pass, dict] | None = None  # host copy of _last's numbers
-        self._handles = [layer.register_forward_hook(self._forward_hook) for layer in self.layers]
-        self._handles += [p.register_hook(self._parameter_hook) for p in model.parameters() if p.requires_grad]
+        return float(tau), until_step, rule
 
     # -- schedule -----------------------------------------------------------------------------
     @property
@@ -161,77 +218,115 @@ class ErrorModulator:
         self.step_count += 1
 
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count}
+        """The schedule and the rule: ``step_count``, ``tau``, ``until_step``, ``rule``."""
+        return {"step_count": self.step_count, "tau": self.tau, "until_step": self.until_step, "rule": self.rule}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (a dict with only ``step_count``, as saved before 2026-11-26,
+        keeps this modulator's tau, until_step and rule)."""
+        tau, until_step, rule = self._checked(state.get("tau", self.tau), state.get("until_step", self.until_step),
+                                              state.get("rule", self.rule))
         self.step_count = int(state["step_count"])
+        self.tau, self.until_step, self.rule = tau, until_step, rule
 
     # -- hooks --------------------------------------------------------------------------------
-    def _forward_hook(self, layer: nn.Module, inputs, output: torch.Tensor) -> None:
-        if not (torch.is_grad_enabled() and output.requires_grad):
+    def _forward_hook(self, layer: nn.Module, inputs, output) -> None:
+        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        if _backward_task() != -1:  # a forward inside a backward pass: checkpoint's recomputation
+            output.register_hook(partial(_refuse_reentrant, self._names[id(layer)]))
             return
         if not (self.active or self.monitor):
             self._current = None
             return
-        key = id(layer)
-        if key not in self._order:
-            self._order[key] = len(self._order)
-        index = self._order[key]
-        if index == 0 or self._current is None:
-            self._current = _Pass(len(self.layers), modulate=self.active)
+        index = self._order.setdefault(id(layer), len(self._order))
         state = self._current
-        output.register_hook(lambda grad: self._backward_hook(state, index, grad))
+        if state is None or index == 0 or index in state.nodes:
+            state = self._current = _Pass()
+        node = _Node(index, state, self.active)
+        state.nodes[index] = node
+        for below in self._nearest_below(output.grad_fn):
+            below.above.append(node)
+        output.grad_fn.metadata[self._tag] = node
+        output.register_hook(partial(self._backward_hook, node))
 
-    def _reference(self, state: _Pass, index: int) -> float | None:
-        """The moment this layer is compared with, or None when there is none yet."""
-        if self.rule == "consecutive":
-            upper = next((q for q in state.after[index + 1 :] if q is not None), None)
-        else:
-            top = len(self._order) - 1
-            upper = state.after[top] if top != index else None
-        return upper
+    def _nearest_below(self, fn) -> list[_Node]:
+        """The nodes of this modulator nearest below ``fn`` on the autograd graph, each once.
 
-    def _backward_hook(self, state: _Pass, index: int, grad: torch.Tensor) -> None:
+        A depth-first walk that stops at tagged nodes; the answer for every graph node it
+        finishes is kept in that node's metadata, so shared stretches (a ResNet's identity path)
+        are walked once per pass.
+        """
+        roots = [f for f, _ in fn.next_functions if f is not None]
+        stack = [(f, False) for f in roots]
+        while stack:
+            f, children_done = stack.pop()
+            if children_done:
+                below: dict[int, _Node] = {}
+                for child, _ in f.next_functions:
+                    if child is not None:
+                        below.update(self._below_or_self(child))
+                f.metadata[self._memo] = below
+            elif f.next_functions and self._tag not in f.metadata and self._memo not in f.metadata:
+                stack.append((f, True))
+                stack.extend((c, False) for c, _ in f.next_functions if c is not None)
+        found: dict[int, _Node] = {}
+        for f in roots:
+            found.update(self._below_or_self(f))
+        return list(found.values())
+
+    def _below_or_self(self, f) -> dict[int, _Node]:
+        """A graph node's own modulator node, else the nearest ones below it (walked already)."""
+        if not f.next_functions:  # a leaf's AccumulateGrad
+            return {}
+        node = f.metadata.get(self._tag)
+        return {id(node): node} if node is not None else f.metadata[self._memo]
+
+    def _reference_nodes(self, node: _Node, task: int) -> list[_Node]:
+        """The nodes whose moment ``node`` is compared with in this backward call ([]: none)."""
+        above = [m for m in node.above if m.task == task]
+        node.tops = tuple({id(t): t for m in above for t in (m.tops or (m,))}.values())
+        return above if self.rule == "consecutive" else list(node.tops)
+
+    def _backward_hook(self, node: _Node, grad: torch.Tensor) -> torch.Tensor | None:
         # On an accelerator, moments, the band test and the factors stay 0-dim device tensors
         # (torch.where, never a Python branch on a value): no host sync per layer. On the CPU a
         # host read waits for nothing, and the same arithmetic on Python floats costs a third of
         # the ~15 tensor ops per layer (docs/PERFORMANCE.md); both give the same bits.
-        # Which layer is the reference is structure, known on the host.
+        # Which nodes are the reference is structure, known on the host.
+        task = _backward_task()
+        node.task = task
+        node.numel = grad.numel()
+        references = self._reference_nodes(node, task) if node.modulate else []
+        self._last = (node.pass_, task)
         norm = _root_sum_of_squares(grad.detach())
         on_device = self.rule_on_device if self.rule_on_device is not None else grad.device.type != "cpu"
         if not on_device:
-            return self._host_rule(state, index, float(norm) ** 2 / grad.numel())
+            return self._host_rule(node, references, float(norm) ** 2 / node.numel, grad)
         norm = norm.to(torch.float32 if norm.device.type == "mps" else torch.float64)
-        q = norm * norm / grad.numel()  # the second moment, as on the host
-        if state.pending is not None:
-            q = state.pending**2 * q
-        reference = self._reference(state, index) if state.modulate else None
-        if reference is None:
-            state.before[index] = state.after[index] = q
-            state.scale[index] = 1.0
-        else:
-            ratio = reference / q
-            outside = (ratio > self.tau) | (ratio < 1.0 / self.tau)
-            if self.rule == "consecutive":
-                target = reference
-            else:  # back to the nearest edge of [q^L / tau, q^L * tau]
-                target = reference / ratio.clamp(1.0 / self.tau, self.tau)
-            usable = (q > 0) & torch.isfinite(q)
-            scale = torch.where(outside & usable, torch.sqrt(target / q), torch.ones_like(q))
-            state.pending = scale if state.pending is None else state.pending * scale
-            state.before[index] = q
-            state.after[index] = q * scale**2
-            state.scale[index] = scale
-        if index == 0:  # the first conv is the last one the backward pass reaches
-            self._last = state
+        q = norm * norm / node.numel  # the second moment, as on the host
+        node.before = q
+        if not references:
+            node.after, node.scale = q, 1.0
+            return None
+        reference = _pooled([m.after for m in references], [m.numel for m in references])
+        ratio = reference / q
+        outside = (ratio > self.tau) | (ratio < 1.0 / self.tau)
+        if self.rule == "consecutive":
+            target = reference
+        else:  # back to the nearest edge of [q^L / tau, q^L * tau]
+            target = reference / ratio.clamp(1.0 / self.tau, self.tau)
+        usable = (q > 0) & torch.isfinite(q)
+        scale = torch.where(outside & usable, torch.sqrt(target / q), torch.ones_like(q))
+        node.after, node.scale = q * scale**2, scale
+        return grad * scale
 
-    def _host_rule(self, state: _Pass, index: int, q: float) -> None:
+    def _host_rule(self, node: _Node, references: list[_Node], q: float, grad: torch.Tensor) -> torch.Tensor | None:
         """The rule of :meth:`_backward_hook` on host floats (CPU gradients)."""
-        pending = 1.0 if state.pending is None else float(state.pending)
-        q = pending**2 * q
+        node.before = q
         scale = 1.0
-        reference = self._reference(state, index) if state.modulate else None
-        if reference is not None and q > 0 and math.isfinite(q):
+        if references and q > 0 and math.isfinite(q):
+            reference = _pooled([m.after for m in references], [m.numel for m in references])
             ratio = reference / q
             if ratio > self.tau or ratio < 1.0 / self.tau:
                 if self.rule == "consecutive":
@@ -239,21 +334,8 @@ class ErrorModulator:
                 else:  # back to the nearest edge of [q^L / tau, q^L * tau]
                     target = reference / min(max(ratio, 1.0 / self.tau), self.tau)
                 scale = math.sqrt(target / q)
-        pending *= scale
-        state.pending = None if pending == 1.0 else pending  # None: the parameter hooks skip the product
-        state.before[index] = q
-        state.after[index] = q * scale**2
-        state.scale[index] = scale
-        if index == 0:
-            self._last = state
-
-    def _parameter_hook(self, grad: torch.Tensor) -> torch.Tensor | None:
-        # Runs as each parameter's gradient is produced, after the modulation of every layer
-        # above it (autograd reaches a layer's parameters once the error at its output is known).
-        state = self._current
-        if state is None or state.pending is None:
-            return None
-        return grad * state.pending
+        node.after, node.scale = q * scale**2, scale
+        return None if scale == 1.0 else grad * scale
 
     def remove(self) -> None:
         """Detach every hook; the model is as it was before."""
@@ -261,10 +343,10 @@ class ErrorModulator:
             handle.remove()
         self._handles.clear()
         self._current = None
-        model = self._model()
-        if model is not None and getattr(model, "_orthomod_modulator", None) is not None \
-                and model._orthomod_modulator() is self:
-            del model._orthomod_modulator
+        for layer in self.layers:
+            owner = getattr(layer, "_orthomod_modulator", None)
+            if owner is not None and owner() is self:
+                del layer._orthomod_modulator
 
     def __enter__(self) -> "ErrorModulator":
         return self
@@ -277,14 +359,17 @@ class ErrorModulator:
         """``moments_before``, ``moments_after`` and ``scales`` of the last backward pass, per
         layer in forward order (nan: a layer that pass did not reach), read from the device in
         one transfer."""
-        state = self._last
-        if state is None:
+        if self._last is None:
             return {"moments_before": [], "moments_after": [], "scales": []}
-        if self._statistics is None or self._statistics[0] is not state:
+        if self._statistics is None or self._statistics[0] != self._last:
+            state, task = self._last
             n = len(self._order)
-            values = _host_floats(state.before[:n] + state.after[:n] + state.scale[:n])
-            self._statistics = (state, {"moments_before": values[:n], "moments_after": values[n:2 * n],
-                                        "scales": values[2 * n:]})
+            nodes = [state.nodes.get(i) for i in range(n)]
+            nodes = [node if node is not None and node.task == task else None for node in nodes]
+            values = _host_floats([None if m is None else getattr(m, key) for key in ("before", "after", "scale")
+                                   for m in nodes])
+            self._statistics = (self._last, {"moments_before": values[:n], "moments_after": values[n:2 * n],
+                                             "scales": values[2 * n:]})
         return {key: list(value) for key, value in self._statistics[1].items()}
 
     @property
