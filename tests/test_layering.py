@@ -5,7 +5,7 @@ from pathlib import Path
 import orthomod
 
 PACKAGE = Path(orthomod.__file__).parent
-LIBRARY = {"init", "regularizers", "modulation", "models", "imagenet_models", "diagnostics", "layers", "tat"}
+LIBRARY = {"init", "regularizers", "modulation", "models", "imagenet_models", "diagnostics", "layers", "tat", "weights"}
 APPLICATION = {"train", "data", "folder_data", "cli", "report", "config", "files", "hardware", "distributed",
                "errors", "__main__"}
 

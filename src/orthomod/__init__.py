@@ -8,12 +8,13 @@ in any PyTorch training loop:
 - :class:`orthomod.modulation.ErrorModulator` (backward error modulation)
 - :func:`orthomod.models.create` (CIFAR plain and residual networks)
 - :mod:`orthomod.diagnostics` (filter correlation, error moments, the BN Jacobian)
+- :mod:`orthomod.weights` (which layers each of them acts on: one definition, ``filter=`` on each)
 
 Those modules are the library: they need only torch and import nothing of the application
 (``train``, ``data``, ``folder_data``, ``config``, ``files``, ``hardware``, ``distributed``,
 ``report``, ``cli``), which runs experiments with them; tests/test_layering.py checks it.
 """
-from . import init, models, modulation, regularizers
+from . import init, models, modulation, regularizers, weights
 from .init import init_model_, orthonormal_
 from .models import create
 from .modulation import ErrorModulator
@@ -21,6 +22,6 @@ from .regularizers import OrthonormalRegularizer, orthonormal_penalty
 
 __version__ = "0.1.0"
 __all__ = [
-    "init", "models", "modulation", "regularizers",
+    "init", "models", "modulation", "regularizers", "weights",
     "orthonormal_", "init_model_", "create", "ErrorModulator", "OrthonormalRegularizer", "orthonormal_penalty",
 ]

@@ -24,46 +24,52 @@ import torch
 from torch import nn
 
 from .regularizers import orthonormal_penalty
+from .weights import CONV_TRANSPOSE_TYPES, CONV_TYPES, LayerFilter, filter_matrices, geometry, weight_layers
 
 __all__ = ["weighted_layers", "filter_correlation_of", "filter_correlation", "orthogonality_residuals",
            "gradient_norms", "moment_ratios", "bn_jacobian"]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-
-def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of the conv layers, in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, _CONVS)]
+def weighted_layers(model: nn.Module, filter: LayerFilter = None) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the layers measured, in module order: by default the convs and
+    transposed convs (the layers :class:`~orthomod.modulation.ErrorModulator` takes), else those
+    ``filter`` accepts (:mod:`orthomod.weights`; e.g. ``[nn.Conv2d, nn.Linear]``)."""
+    return weight_layers(model, filter, default=CONV_TYPES + CONV_TRANSPOSE_TYPES, user="diagnostics")
 
 
 @torch.no_grad()
-def filter_correlation_of(weight: torch.Tensor) -> float:
-    """Mean over pairs ``i != j`` of ``|cos(v_i, v_j)|`` between the rows of ``weight``."""
-    v = weight.detach().reshape(weight.shape[0], -1).double()
-    n = v.shape[0]
+def filter_correlation_of(weight: torch.Tensor, groups: int = 1, transposed: bool = False) -> float:
+    """Mean over pairs ``i != j`` of ``|cos(v_i, v_j)|`` between the filters (rows of ``V``,
+    :mod:`orthomod.weights`). Filters of different conv groups read disjoint inputs: their
+    cosine is 0, and they count as such pairs."""
+    v = filter_matrices(weight.detach(), groups, transposed).double()
+    n = v.shape[0] * v.shape[1]
     if n < 2:
         return 0.0
-    unit = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    cos = (unit @ unit.T).abs()
-    return float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1)))
+    unit = v / v.norm(dim=2, keepdim=True).clamp_min(1e-30)
+    cos = torch.bmm(unit, unit.transpose(1, 2)).abs()
+    return float((cos.sum() - cos.diagonal(dim1=1, dim2=2).sum()) / (n * (n - 1)))
 
 
-def filter_correlation(model: nn.Module) -> dict:
-    """Fig. 2: ``{"layers": [per conv layer], "mean": mean over layers}``."""
-    per_layer = [filter_correlation_of(m.weight) for _, m in weighted_layers(model)]
+def filter_correlation(model: nn.Module, filter: LayerFilter = None) -> dict:
+    """Fig. 2: ``{"layers": [per layer], "mean": mean over layers}``."""
+    per_layer = [filter_correlation_of(m.weight, *geometry(m)) for _, m in weighted_layers(model, filter)]
     return {"layers": per_layer, "mean": sum(per_layer) / len(per_layer) if per_layer else math.nan}
 
 
 @torch.no_grad()
-def orthogonality_residuals(model: nn.Module) -> list[float]:
-    """``||V V^T - I||_F`` per conv layer (group-wise: the root of the summed squares)."""
-    return [float(orthonormal_penalty(m.weight.detach().double()).sqrt()) for _, m in weighted_layers(model)]
+def orthogonality_residuals(model: nn.Module, filter: LayerFilter = None) -> list[float]:
+    """``||V V^T - I||_F`` per layer (group-wise: the root of the summed squares)."""
+    return [float(orthonormal_penalty(m.weight.detach().double(), *geometry(m)).sqrt())
+            for _, m in weighted_layers(model, filter)]
 
 
 @torch.no_grad()
-def gradient_norms(model: nn.Module) -> list[float | None]:
-    """Frobenius norm of each conv layer's weight gradient (None where there is none)."""
-    return [None if m.weight.grad is None else float(m.weight.grad.float().norm()) for _, m in weighted_layers(model)]
+def gradient_norms(model: nn.Module, filter: LayerFilter = None) -> list[float | None]:
+    """Frobenius norm of each layer's weight gradient (None where there is none, as for a
+    parametrized weight, whose gradient goes to its originals)."""
+    return [None if m.weight.grad is None else float(m.weight.grad.float().norm())
+            for _, m in weighted_layers(model, filter)]
 
 
 def moment_ratios(moments: list[float]) -> dict:

@@ -16,6 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .weights import LayerFilter, filter_matrices, geometry, is_weight_layer, plain_weight, weight_from_filters, \
+    weight_layers
+
 __all__ = ["orthonormal_", "delta_orthogonal_", "dirac_delta", "group_slices", "check_weight", "is_weight_layer",
            "init_model_", "INIT_SCHEMES"]
 
@@ -51,20 +54,33 @@ def check_weight(tensor: torch.Tensor) -> tuple[int, int]:
 
 
 def orthonormal_(
-    tensor: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None
+    tensor: torch.Tensor, gain: float = 1.0, generator: torch.Generator | None = None, *, groups: int = 1,
+    transposed: bool = False,
 ) -> torch.Tensor:
     """Fill ``tensor`` in place with group-wise orthonormal filters, scaled by ``gain``.
 
     Each group is the Q factor of a Gaussian matrix (with the sign of R's diagonal folded in,
     which makes the draw uniform over orthonormal frames), computed in float64 so that
-    ``V V^T = I`` holds to the tensor's precision.
+    ``V V^T = I`` holds to the tensor's precision. ``groups`` and ``transposed`` give the
+    layer's conv groups and layout (``ConvTranspose``): ``V`` is then taken per conv group, one
+    row per output channel (:mod:`orthomod.weights`).
+
+    >>> w = orthonormal_(torch.empty(8, 2, 3, 3, dtype=torch.float64), groups=4)  # Conv2d(8, 8, 3, groups=4)
+    >>> v = filter_matrices(w, groups=4)          # 4 groups of 2 filters over 18 inputs
+    >>> torch.allclose(v @ v.transpose(1, 2), torch.eye(2, dtype=torch.float64).expand(4, 2, 2))
+    True
     """
-    f_out, f_in = check_weight(tensor)
-    rows = torch.empty(f_out, f_in, dtype=torch.float64)
-    for group in group_slices(f_out, f_in):
-        rows[group] = _semi_orthogonal(group.stop - group.start, f_in, generator)
+    check_weight(tensor)
+    if groups < 1 or (tensor.shape[1 if transposed else 0] % groups):
+        raise ValueError(f"groups={groups} does not divide the weight's {'second' if transposed else 'first'} "
+                         f"dimension (shape {tuple(tensor.shape)})")
+    v = filter_matrices(torch.empty(tensor.shape, dtype=torch.float64), groups, transposed)
+    _, f_out, f_in = v.shape
+    for rows in v:
+        for group in group_slices(f_out, f_in):
+            rows[group] = _semi_orthogonal(group.stop - group.start, f_in, generator)
     with torch.no_grad():
-        tensor.copy_((gain * rows).reshape(tensor.shape))
+        tensor.copy_(weight_from_filters(gain * v, tensor.shape, transposed))
     return tensor
 
 
@@ -126,18 +142,17 @@ def dirac_delta(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> t
     return delta
 
 
-def is_weight_layer(module: nn.Module) -> bool:
-    """Conv1d/2d/3d or Linear: the layers whose weight the initializers set."""
-    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
-
-
-def init_model_(model: nn.Module, scheme: str = "msra", generator: torch.Generator | None = None) -> nn.Module:
-    """Initialize every conv/linear/BN layer of ``model`` in place and return it.
+def init_model_(model: nn.Module, scheme: str = "msra", generator: torch.Generator | None = None,
+                filter: LayerFilter = None) -> nn.Module:
+    """Initialize the weight layers (:mod:`orthomod.weights`: convs, transposed convs, linear
+    layers; ``filter`` narrows them) and every BN layer of ``model`` in place; return it.
 
     Schemes:
-      - ``"orthonormal"``: conv and linear weights by :func:`orthonormal_` (gain 1).
-      - ``"msra"``: He normal with ``fan_out`` for convs, as in the ResNet protocol; linear
-        layers keep PyTorch's default uniform init.
+      - ``"orthonormal"``: conv and linear weights by :func:`orthonormal_` (gain 1), per conv
+        group, transposed convs in their output-filter view.
+      - ``"msra"``: He normal with ``fan_out`` for convs, as in the ResNet protocol (for a
+        transposed conv the outputs each input feeds, ``C_out / groups * prod(kernel)``, which
+        torch calls its ``fan_in``); linear layers keep PyTorch's default uniform init.
       - ``"default"``: PyTorch's own ``reset_parameters``.
       - ``"delta-orthogonal"``: conv weights by :func:`delta_orthogonal_`, linear weights by a
         semi-orthogonal matrix (Xiao et al. 2018).
@@ -146,8 +161,8 @@ def init_model_(model: nn.Module, scheme: str = "msra", generator: torch.Generat
       - ``"suo-delta"``: DKS/TAT's scaled-uniform-orthogonal delta init of every conv and
         linear weight (:func:`orthomod.tat.init_tat_`; needs ``dks``; refuses BN layers).
     In every scheme biases are zero and BN starts at ``gamma = 1, beta = 0``. A layer a scheme
-    cannot initialize (an even kernel under delta-orthogonal or dirac, a grouped conv) raises a
-    ``ValueError`` that names it.
+    cannot initialize (an even kernel under delta-orthogonal or dirac, a grouped conv, a
+    parametrized weight) raises a ``ValueError`` that names it.
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown init scheme {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
@@ -155,35 +170,39 @@ def init_model_(model: nn.Module, scheme: str = "msra", generator: torch.Generat
         from .tat import init_tat_
 
         return init_tat_(model)
-    for name, module in model.named_modules():
-        if is_weight_layer(module):
-            if scheme in ("delta-orthogonal", "dirac") and not isinstance(module, nn.Linear):
-                _init_identity_like(name, module, scheme, generator)
-            elif scheme == "delta-orthogonal":
-                with torch.no_grad():
-                    module.weight.copy_(_semi_orthogonal(*module.weight.shape, generator))
-            elif scheme == "orthonormal":
-                orthonormal_(module.weight, generator=generator)
-            elif scheme == "msra" and not isinstance(module, nn.Linear):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu", generator=generator)
-            else:
-                module.reset_parameters()
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+    for name, module in weight_layers(model, filter, user="init_model_"):
+        weight = plain_weight(name, module, "init_model_")
+        groups, transposed = geometry(module)
+        if scheme in ("delta-orthogonal", "dirac") and not isinstance(module, nn.Linear):
+            _init_identity_like(name, module, scheme, generator)
+        elif scheme == "delta-orthogonal":
+            with torch.no_grad():
+                weight.copy_(_semi_orthogonal(*weight.shape, generator))
+        elif scheme == "orthonormal":
+            orthonormal_(weight, generator=generator, groups=groups, transposed=transposed)
+        elif scheme == "msra" and not isinstance(module, nn.Linear):
+            nn.init.kaiming_normal_(weight, mode="fan_in" if transposed else "fan_out", nonlinearity="relu",
+                                    generator=generator)
+        else:
+            module.reset_parameters()
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.reset_parameters()
     return model
-
 
 
 def _init_identity_like(name: str, conv: nn.Module, scheme: str, generator: torch.Generator | None) -> None:
     if getattr(conv, "groups", 1) != 1:
         raise ValueError(f"init {scheme!r} is defined for ungrouped convs; layer {name!r} has groups={conv.groups}")
+    # a transposed conv in its output-filter view (C_out, C_in, k...): the same map at the centre tap
+    weight = conv.weight.transpose(0, 1) if geometry(conv)[1] else conv.weight
     try:
         if scheme == "dirac":
             with torch.no_grad():
-                conv.weight.copy_(dirac_delta(tuple(conv.weight.shape), conv.weight.dtype))
+                weight.copy_(dirac_delta(tuple(weight.shape), weight.dtype))
         else:
-            delta_orthogonal_(conv.weight, generator=generator)
+            delta_orthogonal_(weight, generator=generator)
     except ValueError as exc:
         raise ValueError(f"init {scheme!r} cannot initialize layer {name!r}: {exc}") from None

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .init import dirac_delta
+from .weights import CONV_TYPES, weight_layers
 
 __all__ = ["SReLU", "DiracParametrization", "dirac_parametrize_", "fold_", "is_dirac_parametrized"]
 
@@ -63,7 +64,7 @@ class DiracParametrization(nn.Module):
 
 
 def _convs(model: nn.Module):
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    return weight_layers(model, default=CONV_TYPES, user="dirac_parametrize_")
 
 
 def dirac_parametrize_(model: nn.Module, alpha: float = 1.0, beta: float = 0.1) -> nn.Module:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .init import check_weight
+from .weights import LayerFilter, filter_matrices, geometry, plain_weight, weight_from_filters, weight_layers
 
 __all__ = ["orthonormal_penalty", "OrthonormalRegularizer", "split_decay_parameters", "SRIPRegularizer",
            "conv_orthogonality_penalty", "ConvOrthogonalityRegularizer", "make_regularizer", "REGULARIZERS",
@@ -53,77 +54,104 @@ def _residual(block: torch.Tensor) -> torch.Tensor:
     return gram - torch.eye(block.shape[1], dtype=block.dtype, device=block.device)
 
 
-def orthonormal_penalty(weight: torch.Tensor) -> torch.Tensor:
+def orthonormal_penalty(weight: torch.Tensor, groups: int = 1, transposed: bool = False) -> torch.Tensor:
     """``sum over groups of ||V V^T - I||_F^2`` for one weight (no lambda); differentiable.
+    ``groups`` and ``transposed`` as in :func:`orthomod.weights.filter_matrices`: a depthwise conv
+    whose every filter has unit norm has penalty 0.
 
     >>> from orthomod.init import orthonormal_
     >>> w = orthonormal_(torch.empty(8, 4, 3, 3, dtype=torch.float64))
     >>> float(orthonormal_penalty(w)) < 1e-20
     True
+    >>> depthwise = torch.nn.functional.normalize(torch.randn(16, 1 * 9), dim=1).reshape(16, 1, 3, 3)
+    >>> float(orthonormal_penalty(depthwise, groups=16)) < 1e-12
+    True
     """
-    f_out, f_in = check_weight(weight)
-    v = weight.reshape(1, f_out, f_in)
+    check_weight(weight)
+    v = filter_matrices(weight, groups, transposed)
     return sum(_residual(block).square().sum() for block in _group_blocks(v))
 
 
-def _weights_of(module_or_params: nn.Module | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+class _Weight:
+    """A regularized weight with its layer's conv groups and layout."""
+
+    __slots__ = ("tensor", "groups", "transposed")
+
+    def __init__(self, tensor: torch.Tensor, groups: int = 1, transposed: bool = False):
+        self.tensor, self.groups, self.transposed = tensor, groups, transposed
+
+
+def _weights_of(module_or_params: nn.Module | Iterable[torch.Tensor], filter: LayerFilter = None,
+                user: str = "OrthonormalRegularizer") -> list[_Weight]:
+    """The weights of a model's weight layers (parametrized ones refused by name), or the given tensors."""
     if isinstance(module_or_params, nn.Module):
-        layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-        return [m.weight for m in module_or_params.modules() if isinstance(m, layers)]
+        return [_Weight(plain_weight(name, m, user), *geometry(m))
+                for name, m in weight_layers(module_or_params, filter, user=user)]
+    if filter is not None:
+        raise ValueError(f"{user}: filter= selects layers of a model; with a list of weights, pass only those wanted")
     params = list(module_or_params)
     for p in params:
         if not isinstance(p, torch.Tensor) or p.dim() < 2:
             shape = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
             raise ValueError(
-                f"OrthonormalRegularizer takes weights with at least 2 dimensions, got {shape}; "
+                f"{user} takes weights with at least 2 dimensions, got {shape}; "
                 "pass the model itself to collect its conv/linear weights"
             )
-    return params
+    return [_Weight(p) for p in params]
 
 
 class OrthonormalRegularizer:
     """``R = coeff/2 * sum_l ||V_l V_l^T - I||_F^2`` over the conv/linear weights given.
 
     Args:
-        module_or_params: a model (its Conv1d/2d/3d and Linear weights are taken; BN and biases
-            are not) or an iterable of weight tensors.
+        module_or_params: a model (the weights of its weight layers, :mod:`orthomod.weights`:
+            convs, transposed convs and linear layers, ``V`` per conv group; BN and biases are
+            not taken) or an iterable of weight tensors (each an ungrouped conv or linear weight).
         coeff: ``lambda``; the paper uses the weight-decay value, 1e-4 on CIFAR-10.
+        filter: which of the model's weight layers to take (:mod:`orthomod.weights`).
     """
 
-    def __init__(self, module_or_params: nn.Module | Iterable[torch.Tensor], coeff: float = 1e-4):
+    def __init__(self, module_or_params: nn.Module | Iterable[torch.Tensor], coeff: float = 1e-4,
+                 filter: LayerFilter = None):
         if not coeff >= 0:
             raise ValueError(f"coeff must be >= 0, got {coeff}")
         self.coeff = float(coeff)
-        self.params = _weights_of(module_or_params)
+        self._weights = _weights_of(module_or_params, filter, "OrthonormalRegularizer")
+        self.params = [w.tensor for w in self._weights]
         if not self.params:
             raise ValueError("OrthonormalRegularizer found no conv or linear weights to regularize")
         for p in self.params:
             check_weight(p)
-        # Weights of one shape share a batched matmul; grouping by (shape, dtype, device) once
-        # here keeps the per-step cost to a few large ops instead of one small op per layer.
+        # Weights of one shape and layout share a batched matmul; grouping them once here keeps
+        # the per-step cost to a few large ops instead of one small op per layer.
         self._buckets: dict[tuple, list[torch.Tensor]] = {}
-        for p in self.params:
-            self._buckets.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+        for w in self._weights:
+            key = (tuple(w.tensor.shape), w.groups, w.transposed, w.tensor.dtype, w.tensor.device)
+            self._buckets.setdefault(key, []).append(w.tensor)
 
-    def _stacked(self, params: list[torch.Tensor]) -> torch.Tensor:
-        f_out = params[0].shape[0]
-        return torch.stack([p.reshape(f_out, -1) for p in params])
+    @staticmethod
+    def _stacked(params: list[torch.Tensor], groups: int, transposed: bool) -> torch.Tensor:
+        """``(P * groups, f_out, f_in)``: every conv group of every weight, one matrix each."""
+        v = torch.stack([filter_matrices(p, groups, transposed) for p in params])
+        return v.reshape(-1, *v.shape[2:])
 
     @torch.no_grad()
     def add_grad_(self) -> None:
         """Add ``coeff * 2 (V V^T - I) V`` to the ``.grad`` of every weight that has one."""
         if self.coeff == 0:
             return
-        for (shape, _, _), params in self._buckets.items():
+        for (shape, groups, transposed, _, _), params in self._buckets.items():
             params = [p for p in params if p.grad is not None]
             if not params:
                 continue
-            v = self._stacked(params)
+            v = self._stacked(params, groups, transposed)
             grads = [torch.bmm(_residual(block), block) for block in _group_blocks(v)]
             grads[0] = grads[0].reshape(v.shape[0], -1, v.shape[2])
             grad = torch.cat(grads, dim=1) if len(grads) > 1 else grads[0]
             grad.mul_(2.0 * self.coeff)
-            torch._foreach_add_([p.grad for p in params], [g.view(shape) for g in grad.unbind(0)])
+            grad = grad.reshape(len(params), groups, *grad.shape[1:])
+            torch._foreach_add_([p.grad for p in params],
+                                [weight_from_filters(g, shape, transposed) for g in grad.unbind(0)])
 
     @torch.no_grad()
     def penalty(self) -> torch.Tensor:
@@ -137,15 +165,15 @@ class OrthonormalRegularizer:
 
     def _value(self) -> torch.Tensor:
         total = 0.0
-        for params in self._buckets.values():
-            for block in _group_blocks(self._stacked(params)):
+        for (_, groups, transposed, _, _), params in self._buckets.items():
+            for block in _group_blocks(self._stacked(params, groups, transposed)):
                 total = total + _residual(block).square().sum()
         return 0.5 * self.coeff * total
 
     def residuals(self) -> list[float]:
         """``||V V^T - I||_F`` per weight, in the order of :attr:`params` (a diagnostic)."""
         with torch.no_grad():
-            return [float(orthonormal_penalty(p.float()).sqrt()) for p in self.params]
+            return [float(orthonormal_penalty(w.tensor.float(), w.groups, w.transposed).sqrt()) for w in self._weights]
 
     def state_dict(self) -> dict:
         return {}  # stateless; the method exists so every regularizer checkpoints alike
@@ -172,7 +200,9 @@ class SRIPRegularizer:
     """SRIP (Bansal et al. 2018): ``coeff * sum_l sigma(V_l V_l^T - I)``, sigma the spectral norm.
 
     ``V`` is each conv/linear weight viewed as ``(f_out, f_in)`` (the paper's ``W^T W`` with
-    filters as columns). sigma is estimated by power iteration on the symmetric ``A = V V^T - I``;
+    filters as columns); for a grouped conv it is the block-diagonal matrix of its conv groups
+    (:mod:`orthomod.weights`), so ``V V^T - I`` is block-diagonal and sigma is the largest over
+    the groups. sigma is estimated by power iteration on the symmetric ``A = V V^T - I``;
     unlike the authors' code, which starts from a fixed random vector, the vector is carried from
     step to step (as ``torch.nn.utils.spectral_norm`` does), so ``iterations`` per step refine it
     and it is saved by :meth:`state_dict`. With ``u`` the estimated top eigenvector and
@@ -185,39 +215,44 @@ class SRIPRegularizer:
     """
 
     def __init__(self, module_or_params: nn.Module | Iterable[torch.Tensor], coeff: float = 1e-2,
-                 iterations: int = 2, generator: torch.Generator | None = None):
+                 iterations: int = 2, generator: torch.Generator | None = None, filter: LayerFilter = None):
         if not coeff >= 0:
             raise ValueError(f"coeff must be >= 0, got {coeff}")
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         self.coeff, self.iterations = float(coeff), int(iterations)
-        self.params = _weights_of(module_or_params)
+        self._weights = _weights_of(module_or_params, filter, "SRIPRegularizer")
+        self.params = [w.tensor for w in self._weights]
         if not self.params:
             raise ValueError("SRIPRegularizer found no conv or linear weights to regularize")
-        for p in self.params:
-            check_weight(p)
         self.vectors = []
-        for p in self.params:
-            u = torch.randn(p.shape[0], dtype=p.dtype, device=p.device, generator=generator)
+        for w in self._weights:
+            f_out, _ = check_weight(w.tensor)
+            rows = w.tensor.shape[1] * w.groups if w.transposed else f_out  # output channels
+            u = torch.randn(rows, dtype=w.tensor.dtype, device=w.tensor.device, generator=generator)
             self.vectors.append(u / u.norm())
 
     @staticmethod
-    def _matrix(weight: torch.Tensor) -> torch.Tensor:
-        """``A = V V^T - I`` of one weight (no groups: SRIP's definition)."""
-        return _residual(weight.reshape(1, weight.shape[0], -1))[0]
+    def _filters(w: _Weight, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return filter_matrices(w.tensor if weight is None else weight, w.groups, w.transposed)
+
+    @staticmethod
+    def _times(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``A u`` for the block-diagonal ``A`` given as its blocks ``(groups, f, f)``."""
+        return torch.bmm(a, u.view(a.shape[0], -1, 1)).reshape(-1)
 
     @torch.no_grad()
     def _refine(self, iterations: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Power-iterate every layer's vector; return (u, u^T A u) per layer."""
         out = []
-        for i, p in enumerate(self.params):
-            a = self._matrix(p.detach())
+        for i, w in enumerate(self._weights):
+            a = _residual(self._filters(w, w.tensor.detach()))
             u = self.vectors[i]
             for _ in range(self.iterations if iterations is None else iterations):
-                w = a @ u
-                u = w / w.norm().clamp_min(torch.finfo(w.dtype).tiny)
+                x = self._times(a, u)
+                u = x / x.norm().clamp_min(torch.finfo(x.dtype).tiny)
             self.vectors[i] = u
-            out.append((u, u @ a @ u))
+            out.append((u, u @ self._times(a, u)))
         return out
 
     @torch.no_grad()
@@ -226,27 +261,31 @@ class SRIPRegularizer:
         iteration step of ``iterations`` first)."""
         if self.coeff == 0:
             return
-        for p, (u, rayleigh) in zip(self.params, self._refine()):
-            if p.grad is None:
+        for w, (u, rayleigh) in zip(self._weights, self._refine()):
+            if w.tensor.grad is None:
                 continue
-            v = p.detach().reshape(p.shape[0], -1)
-            grad = (2.0 * self.coeff) * torch.sign(rayleigh) * torch.outer(u, u @ v)
-            p.grad.add_(grad.view_as(p))
+            v = self._filters(w, w.tensor.detach())  # (groups, f, f_in); u per group: (groups, f, 1)
+            per_group = u.view(v.shape[0], -1, 1)
+            grad = (2.0 * self.coeff) * torch.sign(rayleigh) * per_group * torch.bmm(per_group.transpose(1, 2), v)
+            w.tensor.grad.add_(weight_from_filters(grad, w.tensor.shape, w.transposed))
+
+    def _sigma(self, w: _Weight, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return (u @ self._times(_residual(self._filters(w, weight)), u)).abs()
 
     @torch.no_grad()
     def penalty(self) -> torch.Tensor:
         """``coeff * sum sigma`` with the current estimates (a 0-d tensor; refines nothing)."""
-        return self.coeff * sum((u @ self._matrix(p.detach()) @ u).abs() for p, u in zip(self.params, self.vectors))
+        return self.coeff * sum(self._sigma(w, u, w.tensor.detach()) for w, u in zip(self._weights, self.vectors))
 
     def loss(self) -> torch.Tensor:
         """``coeff * sum |u^T A u|`` as a differentiable term (u held fixed): its gradient is what
         :meth:`add_grad_` adds."""
-        return self.coeff * sum((u @ self._matrix(p) @ u).abs() for p, u in zip(self.params, self.vectors))
+        return self.coeff * sum(self._sigma(w, u, w.tensor) for w, u in zip(self._weights, self.vectors))
 
     def residuals(self) -> list[float]:
         """The estimated ``sigma(V V^T - I)`` per weight (a diagnostic)."""
         with torch.no_grad():
-            return [float((u @ self._matrix(p.detach()) @ u).abs()) for p, u in zip(self.params, self.vectors)]
+            return [float(self._sigma(w, u, w.tensor.detach())) for w, u in zip(self._weights, self.vectors)]
 
     def state_dict(self) -> dict:
         return {"vectors": [u.clone() for u in self.vectors]}
@@ -308,7 +347,7 @@ class ConvOrthogonalityRegularizer:
     kernels of one shape and stride stacked into one grouped conv.
     """
 
-    def __init__(self, model: nn.Module, coeff: float = 1e-1):
+    def __init__(self, model: nn.Module, coeff: float = 1e-1, filter: LayerFilter = None):
         if not coeff >= 0:
             raise ValueError(f"coeff must be >= 0, got {coeff}")
         if not isinstance(model, nn.Module):
@@ -316,19 +355,21 @@ class ConvOrthogonalityRegularizer:
         self.coeff = float(coeff)
         self._layers: list[tuple[torch.Tensor, tuple[int, ...]]] = []
         self._buckets: dict[tuple, list[torch.Tensor]] = {}  # weights of one shape and stride: one grouped conv
-        for name, m in model.named_modules():
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                if m.groups != 1 or m.dilation != (1,) * len(m.dilation):
-                    raise ValueError(f"the conv-orthogonality penalty is defined for ungrouped, undilated convs; "
-                                     f"layer {name!r} has groups={m.groups}, dilation={m.dilation}")
-                stride = tuple(m.stride)
-            elif isinstance(m, nn.Linear):
+        for name, m in weight_layers(model, filter, user="ConvOrthogonalityRegularizer"):
+            weight = plain_weight(name, m, "ConvOrthogonalityRegularizer")
+            if geometry(m)[1]:
+                raise ValueError(f"the conv-orthogonality penalty is defined for convs and linear layers; layer "
+                                 f"{name!r} is {type(m).__name__} (leave it out with filter=)")
+            if isinstance(m, nn.Linear):
                 stride = (1,)
+            elif m.groups != 1 or m.dilation != (1,) * len(m.dilation):
+                raise ValueError(f"the conv-orthogonality penalty is defined for ungrouped, undilated convs; "
+                                 f"layer {name!r} has groups={m.groups}, dilation={m.dilation} (leave it out with "
+                                 "filter=)")
             else:
-                continue
-            self._layers.append((m.weight, stride))
-            self._buckets.setdefault((tuple(m.weight.shape), stride, m.weight.dtype, m.weight.device),
-                                     []).append(m.weight)
+                stride = tuple(m.stride)
+            self._layers.append((weight, stride))
+            self._buckets.setdefault((tuple(weight.shape), stride, weight.dtype, weight.device), []).append(weight)
         if not self._layers:
             raise ValueError("ConvOrthogonalityRegularizer found no conv or linear weights to regularize")
         self.params = [w for w, _ in self._layers]
@@ -370,13 +411,13 @@ REGULARIZERS = ("ortho", "srip", "conv-ortho")
 DEFAULT_COEFF = {"ortho": 1e-4, "srip": 1e-2, "conv-ortho": 1e-1}
 
 
-def make_regularizer(name: str, model: nn.Module, coeff: float | None = None):
-    """One of :data:`REGULARIZERS` over ``model``'s conv and linear weights."""
+def make_regularizer(name: str, model: nn.Module, coeff: float | None = None, filter: LayerFilter = None):
+    """One of :data:`REGULARIZERS` over ``model``'s weight layers (``filter`` narrows them)."""
     if name not in REGULARIZERS:
         raise ValueError(f"unknown regularizer {name!r}; choose one of {', '.join(REGULARIZERS)}")
     coeff = DEFAULT_COEFF[name] if coeff is None else coeff
     if name == "ortho":
-        return OrthonormalRegularizer(model, coeff)
+        return OrthonormalRegularizer(model, coeff, filter=filter)
     if name == "srip":
-        return SRIPRegularizer(model, coeff)
-    return ConvOrthogonalityRegularizer(model, coeff)
+        return SRIPRegularizer(model, coeff, filter=filter)
+    return ConvOrthogonalityRegularizer(model, coeff, filter=filter)

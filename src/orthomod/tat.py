@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .init import is_weight_layer
+from .weights import geometry, is_weight_layer, plain_weight
 
 __all__ = ["TATActivation", "suo_delta_", "init_tat_"]
 
@@ -77,16 +77,19 @@ class TATActivation(nn.Module):
 
 
 def init_tat_(model: nn.Module) -> nn.Module:
-    """:func:`suo_delta_` on every conv and linear weight, zero biases; BN layers and grouped convs
-    are refused with an error naming the layer."""
+    """:func:`suo_delta_` on every conv and linear weight, zero biases; BN layers, grouped and
+    transposed convs and parametrized weights are refused with an error naming the layer."""
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"TAT is for nets without normalization layers; layer {name!r} is {type(module).__name__}")
         if is_weight_layer(module):
             if getattr(module, "groups", 1) != 1:  # SUO draws one orthogonal matrix per layer
                 raise ValueError(f"TAT's init is defined for ungrouped convs; layer {name!r} has groups={module.groups}")
+            if geometry(module)[1]:
+                raise ValueError(f"TAT's init is defined for convs and linear layers; layer {name!r} is "
+                                 f"{type(module).__name__}")
             try:
-                suo_delta_(module.weight)
+                suo_delta_(plain_weight(name, module, "init_tat_"))
             except ValueError as exc:
                 raise ValueError(f"cannot initialize layer {name!r} for TAT: {exc}") from None
             if module.bias is not None:

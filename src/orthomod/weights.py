@@ -71,7 +71,11 @@ def weight_layers(model: nn.Module, filter: LayerFilter = None, default: tuple[t
     """
     accepts = _accepts(filter)
     chosen, left_out, unknown = [], [], []
+    inside_parametrizations = {id(m) for p in model.modules() if isinstance(p, parametrize.ParametrizationList)
+                               for m in p.modules()}  # a parametrized weight's originals belong to its layer
     for name, module in model.named_modules():
+        if id(module) in inside_parametrizations:
+            continue
         if is_weight_layer(module):
             wanted = accepts(name, module) if filter is not None else isinstance(module, default)
             (chosen if wanted else left_out).append((name, module))
