@@ -157,9 +157,15 @@ def test_state_dict_roundtrip_and_validation():
     for _ in range(3):
         a.step()
     a.remove()  # one modulator per model at a time
-    b = ErrorModulator(chain, until_step=5)
-    b.load_state_dict(a.state_dict())
-    assert b.step_count == 3
+    b = ErrorModulator(chain, tau=2.0, until_step=9, rule="top")
+    b.load_state_dict(a.state_dict())  # the schedule and the rule come back with the step
+    assert (b.step_count, b.tau, b.until_step, b.rule) == (3, 1.0, 5, "consecutive")
+    b.load_state_dict({"step_count": 4})  # a checkpoint from before 2026-11-26: the rest stays
+    assert (b.step_count, b.tau, b.until_step, b.rule) == (4, 1.0, 5, "consecutive")
+    with pytest.raises(ValueError, match="tau must be >= 1"):
+        b.load_state_dict({"step_count": 1, "tau": 0.5})
+    assert b.step_count == 4  # nothing changed by a refused state
+    b.remove()
     for bad, msg in [(dict(tau=0.5), "tau must be >= 1"), (dict(until_step=-1), "until_step must be >= 0"),
                      (dict(rule="cumulativ"), "unknown modulation rule 'cumulativ'")]:
         with pytest.raises(ValueError, match=msg):

@@ -97,7 +97,8 @@ def test_modulation_runs_in_the_trainer(tmp_path):
     trainer = Trainer(config, progress=False)
     trainer.run()
     assert trainer.modulator.step_count == 6
-    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["modulator"] == {"step_count": 6}
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["modulator"] == {
+        "step_count": 6, "tau": 1.0, "until_step": 3, "rule": "consecutive"}
 
 
 def _cli(*args, **kw):
