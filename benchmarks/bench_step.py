@@ -8,18 +8,25 @@ the precision ``--precision auto`` picks on this machine (or the one named) and 
   naive+mod  the penalty as a loss term through autograd + ErrorModulator
   srip       SRIPRegularizer.add_grad_() (Bansal et al. 2018) in place of weight decay
   conv-ortho ConvOrthogonalityRegularizer.add_grad_() (Wang et al. 2020) in place of weight decay
+  ortho+mod@REV  ortho+mod with the ErrorModulator of git revision REV (``--against REV``): an
+             earlier implementation against today's, in one process
 Configurations are interleaved round by round (the machine is noisy) and the medians compared.
 
     python benchmarks/bench_step.py --model plain110 --batch-size 128 --rounds 10 --tau 1
+    python benchmarks/bench_step.py --configs l2,ortho+mod --against d9db74f
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import importlib.util
 import platform
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +49,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def modulator_at(revision: str) -> type:
+    """The ErrorModulator class of orthomod/modulation.py at a git revision of this repository."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.check_output(["git", "show", f"{revision}:src/orthomod/modulation.py"], cwd=root, text=True)
+    spec = importlib.util.spec_from_loader(f"orthomod.modulation_at_{revision}", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "orthomod"  # its relative imports resolve against today's package
+    sys.modules[spec.name] = module
+    exec(compile(source, f"{revision}:src/orthomod/modulation.py", "exec"), module.__dict__)
+    return module.ErrorModulator
+
+
 def make_step(name: str, base: torch.nn.Module, tau: float, precision):
     model = copy.deepcopy(base)
     weights, others = split_decay_parameters(model)
@@ -52,7 +71,10 @@ def make_step(name: str, base: torch.nn.Module, tau: float, precision):
         reg = make_regularizer(name, model)
     else:
         reg = OrthonormalRegularizer(model, 1e-4) if name != "l2" else None
-    modulator = ErrorModulator(model, tau=tau) if name.endswith("+mod") else None
+    modulator = None
+    if "+mod" in name:
+        modulator_class = modulator_at(name.split("@", 1)[1]) if "@" in name else ErrorModulator
+        modulator = modulator_class(model, tau=tau)
 
     def step(x, y):
         with precision.autocast(CPU):
@@ -79,7 +101,10 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=1.0, help="1 modulates every layer: the costliest case")
     parser.add_argument("--configs", default="l2,ortho+mod,ortho,naive+mod")
     parser.add_argument("--precision", default="auto", help="auto (what training picks here), fp32 or bf16")
+    parser.add_argument("--against", help="also time ortho+mod with the modulator of this git revision")
     args = parser.parse_args()
+    if args.against:
+        args.configs += f",ortho+mod@{args.against}"
     precision = choose_precision(args.precision, CPU)
 
     torch.manual_seed(0)
@@ -101,6 +126,8 @@ def main() -> None:
     ref = statistics.median(times["l2"])
     result = {
         "model": args.model, "batch_size": args.batch_size, "rounds": args.rounds, "tau": args.tau,
+        "revision": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                   cwd=Path(__file__).resolve().parents[1]).stdout.strip(),
         "precision": precision.name, "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
         "median_step_s": {n: round(statistics.median(t), 4) for n, t in times.items()},
