@@ -7,12 +7,14 @@ from orthomod.config import list_presets
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_library_example_runs_as_written(capsys):
+def test_library_examples_run_as_written(capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "README has no python example"
+    assert len(blocks) == 2, "README's two python examples: the library, and the loop with AdamW/clipping/scaler"
     exec(compile(blocks[0], "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "tensor(" in printed and "[" in printed
+    exec(compile(blocks[1], "README.md", "exec"), {})
+    assert "'step_count': 2, 'tau': 1.0, 'until_step': None, 'rule': 'consecutive'" in capsys.readouterr().out
 
 
 def test_presets_named_in_readme_exist():

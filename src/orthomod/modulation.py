@@ -255,32 +255,33 @@ class ErrorModulator:
 
         A depth-first walk that stops at tagged nodes; the answer for every graph node it
         finishes is kept in that node's metadata, so shared stretches (a ResNet's identity path)
-        are walked once per pass.
+        are walked once per pass. Each graph node's ``next_functions`` is read once per walk.
         """
-        roots = [f for f, _ in fn.next_functions if f is not None]
-        stack = [(f, False) for f in roots]
-        while stack:
-            f, children_done = stack.pop()
-            if children_done:
-                below: dict[int, _Node] = {}
-                for child, _ in f.next_functions:
-                    if child is not None:
-                        below.update(self._below_or_self(child))
-                f.metadata[self._memo] = below
-            elif f.next_functions and self._tag not in f.metadata and self._memo not in f.metadata:
-                stack.append((f, True))
-                stack.extend((c, False) for c, _ in f.next_functions if c is not None)
-        found: dict[int, _Node] = {}
-        for f in roots:
-            found.update(self._below_or_self(f))
-        return list(found.values())
-
-    def _below_or_self(self, f) -> dict[int, _Node]:
-        """A graph node's own modulator node, else the nearest ones below it (walked already)."""
-        if not f.next_functions:  # a leaf's AccumulateGrad
-            return {}
-        node = f.metadata.get(self._tag)
-        return {id(node): node} if node is not None else f.metadata[self._memo]
+        tag, memo = self._tag, self._memo
+        frames = [(fn, fn.next_functions, [])]  # (graph node, its children, their answers so far)
+        while True:
+            f, children, answers = frames[-1]
+            if len(answers) == len(children):  # every child answered: f's own answer
+                frames.pop()
+                below = answers[0] if len(answers) == 1 else {k: v for a in answers for k, v in a.items()}
+                if not frames:  # fn itself: the layer's own output, tagged by the caller
+                    return list(below.values())
+                f.metadata[memo] = below
+                frames[-1][2].append(below)
+                continue
+            child = children[len(answers)][0]
+            grandchildren = child.next_functions if child is not None else ()
+            if not grandchildren:  # None (no gradient) or a leaf's AccumulateGrad
+                answers.append({})
+                continue
+            meta = child.metadata
+            node = meta.get(tag)
+            if node is not None:
+                answers.append({id(node): node})
+            elif memo in meta:
+                answers.append(meta[memo])
+            else:
+                frames.append((child, grandchildren, []))
 
     def _reference_nodes(self, node: _Node, task: int) -> list[_Node]:
         """The nodes whose moment ``node`` is compared with in this backward call ([]: none)."""

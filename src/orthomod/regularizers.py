@@ -16,6 +16,22 @@ to use it:
     >>> reg = OrthonormalRegularizer(model, coeff=1e-4)
     >>> model(torch.randn(2, 16, 8, 8)).square().mean().backward()
     >>> reg.add_grad_()            # then optimizer.step()
+
+With other optimizers and a clipped or scaled loss (README, "In your own training loop"): AdamW's
+decoupled decay (default 0.01) would stack on ``R``, so the regularized weights get none; with a
+``GradScaler``, ``add_grad_`` comes after ``scaler.unscale_``; clipping before it leaves ``R``'s
+gradient unclipped, as coupled weight decay is.
+
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    >>> reg = OrthonormalRegularizer(net)
+    >>> regularized = {id(p) for p in reg.params}
+    >>> others = [p for p in net.parameters() if id(p) not in regularized]
+    >>> opt = torch.optim.AdamW([{"params": reg.params, "weight_decay": 0.0},
+    ...                          {"params": others, "weight_decay": 0.0}], lr=1e-3)
+    >>> net(torch.randn(2, 3, 8, 8)).square().mean().backward()
+    >>> _ = torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm=1.0)
+    >>> reg.add_grad_()
+    >>> opt.step()
 """
 from __future__ import annotations
 
