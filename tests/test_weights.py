@@ -119,7 +119,7 @@ def test_msra_on_a_transposed_conv_uses_the_outputs_each_input_feeds():
     deconv = nn.ConvTranspose2d(64, 32, 3, bias=False)
     init_model_(deconv, "msra", generator=torch.Generator().manual_seed(0))
     # He's fan_out for a transposed conv: each input feeds C_out * k * k = 288 outputs
-    assert float(deconv.weight.std()) == pytest.approx((2 / 288) ** 0.5, rel=0.03)
+    assert float(deconv.weight.detach().std()) == pytest.approx((2 / 288) ** 0.5, rel=0.03)
 
 
 def test_delta_orthogonal_transposed_conv_preserves_norms():
