@@ -5,7 +5,8 @@ picks on this machine, channels_last,
 SGD momentum 0.9 + L2, horizontal flips and per-pixel normalization. The hand-written loop does
 only that: index a random permutation, flip, normalize, forward, backward, step. The trainer
 adds its lr schedule, divergence check, accuracy, metrics lines and progress bookkeeping.
-Rounds alternate between the two (the machine is noisy) and the median images/s are compared.
+Rounds alternate between the two (the machine is noisy) and the median images/s are compared,
+as well as the median of the per-round ratios (each trainer run against the hand loop after it).
 The trainer's images/s are read from its own metrics.jsonl (evaluation and checkpoints excluded).
 
     ORTHOMOD_DATA=DIR python benchmarks/bench_trainer.py --model plain44 --steps 60 --rounds 3
@@ -122,6 +123,8 @@ def main() -> None:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "trainer_images_per_s": [round(v, 1) for v in ours], "hand_loop_images_per_s": [round(v, 1) for v in hand],
         "ratio_trainer_over_hand": round(statistics.median(ours) / statistics.median(hand), 4),
+        # each round's trainer run against the hand loop right after it: slow drift of the machine cancels
+        "median_of_paired_ratios": round(statistics.median(o / h for o, h in zip(ours, hand)), 4),
     }
     print(json.dumps(result, indent=2))
 
