@@ -169,6 +169,36 @@ EXPERIMENTS: dict[str, list[str]] = {
     **{f"f-{preset}-s1": ["--config", preset, "--seed", "1"] for preset in ("plain44-ortho", "plain44-l2")},
 }
 
+# Issue 15's leaderboard: every known way to train a deep plain net at experiment 1's budget
+# (plain-44, 10 epochs, CIFAR-10, flips), seed 0 first (a screening pass); rows that decide the
+# ranking get seeds 1 and 2. The paper's rows and the residual net are experiment 1's and 2's
+# (e1-plain44-l2, e1-plain44-ortho, e2-plain44-ortho-mod, e2-resnet44-l2); lb-plain44-l2 reruns
+# the baseline on the queue's own machine, the reference of the wall-time column.
+LEADERBOARD_METHODS: dict[str, tuple[str, list[str]]] = {
+    "l2": ("msra + L2 (baseline, rerun here)", L2),
+    "delta-ortho-mod": ("delta-orthogonal init + orthonormality + modulation (tau 1)",
+                        ["--init", "delta-orthogonal", "--reg", "ortho", *mod(1.0, "always")]),
+    "isonet-bn": ("ISONet: Dirac init + SReLU + conv-orthogonality, with BN",
+                  ["--init", "dirac", "--activation", "srelu", "--reg", "conv-ortho"]),
+    "dirac-param": ("DiracNets: Dirac parametrization + L2 (folded for evaluation)",
+                    ["--parametrization", "dirac", "--reg", "l2"]),
+    "delta-l2": ("delta-orthogonal init + L2", ["--init", "delta-orthogonal", "--reg", "l2"]),
+    "srip": ("orthonormal init + SRIP", ["--init", "orthonormal", "--reg", "srip"]),
+    "conv-ortho": ("orthonormal init + conv-orthogonality", ["--init", "orthonormal", "--reg", "conv-ortho"]),
+    "isonet": ("ISONet without BN", ["--init", "dirac", "--activation", "srelu", "--reg", "conv-ortho",
+                                     "--norm", "none"]),
+    "delta-ortho": ("delta-orthogonal init + orthonormality", ["--init", "delta-orthogonal", "--reg", "ortho"]),
+    "tat": ("TAT: transformed leaky ReLU + SUO-delta init, no BN, L2",
+            ["--activation", "tat", "--norm", "none", "--init", "suo-delta", "--reg", "l2"]),
+}
+EXPERIMENTS.update({f"lb-plain44-{key}-s0": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "0", *flags]
+                    for key, (_, flags) in LEADERBOARD_METHODS.items()})
+# the rows already measured by experiments 1 and 2, in the leaderboard under their own names
+LEADERBOARD_EXISTING = {"e1-plain44-l2": "msra + L2 (baseline, experiment 1)",
+                        "e1-plain44-ortho": "the paper: orthonormal init + orthonormality",
+                        "e2-plain44-ortho-mod": "the paper: orthonormality + modulation (tau 1)",
+                        "e2-resnet44-l2": "reference: resnet-44, msra + L2"}
+
 
 # the runs of 2026-11-25, each report with the runs it is compared with
 LATER = ("e4-plain110-ortho-modtop-s1", "e4-plain110-ortho-modtop-s2", "e4-plain110-ortho-mod-tau1.1-always-s0",
@@ -278,6 +308,8 @@ def tables() -> None:
     _figures23_table(runs)
     print()
     _comparisons(runs)
+    print()
+    leaderboard(runs)
 
 
 def _result(run: dict | None) -> str:
@@ -432,6 +464,46 @@ def _depth_table(runs: dict[str, dict]) -> None:
     print("|---|---|---|---|---|")
     for label, bases in rows.items():
         print(f"| {label} | " + " | ".join(_mean_over_seeds(b, runs) for b in bases) + " |")
+
+
+def _late_ratio(run: dict) -> str:
+    """q(first)/q(last), the median over the last third of the probes (Fig. 3's statistic)."""
+    probes = run["probes"]
+    if not probes:
+        return "-"
+    ratios = sorted(p["moment_ratio_first_last"] for p in probes[2 * len(probes) // 3:])
+    return f"{ratios[len(ratios) // 2]:.3g}"
+
+
+def leaderboard(runs: dict[str, dict]) -> None:
+    """Issue 15: one row per method at plain-44, 10 epochs: accuracy over seeds, gap to the
+    residual net, Fig. 3's moment ratio and Fig. 2's filter correlation at the end (seed 0),
+    wall time against the baseline run on the same CPU kind, and the command."""
+    rows = {**{base: label for base, label in LEADERBOARD_EXISTING.items()},
+            **{f"lb-plain44-{key}": label for key, (label, _) in LEADERBOARD_METHODS.items()}}
+    reference = _accuracies(_seeds("e2-resnet44-l2", runs))
+    baseline = runs.get("lb-plain44-l2-s0")
+    print("| method | seeds | final test acc (%) | gap to resnet-44 (points) | q(first)/q(last) | filter corr. | "
+          "wall time / baseline | command (seed 0) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for base, label in rows.items():
+        seeds = _seeds(base, runs)
+        if not seeds:
+            print(f"| {label} | 0 | not run | - | - | - | - | `orthomod train {' '.join(EXPERIMENTS[base + '-s0'])}` |")
+            continue
+        accs = _accuracies(seeds)
+        if accs and len(accs) == len(seeds):
+            acc = f"{100 * fmean(accs):.2f}" + (f" ± {100 * stdev(accs):.2f}" if len(accs) > 1 else "")
+        else:
+            acc = " / ".join(_result(r) for r in seeds)
+        gap = f"{100 * (fmean(accs) - fmean(reference)):+.2f}" if accs and reference else "-"
+        first = seeds[0]
+        corr = first["probe"]["filter_correlation_mean"] if first["probe"] else None
+        same_cpu = baseline is not None and first["summary"].get("cpu_capability") is not None and \
+            first["summary"].get("cpu_capability") == baseline["summary"].get("cpu_capability")
+        wall = f"{first['summary']['wall_time_s'] / baseline['summary']['wall_time_s']:.2f}" if same_cpu else "-"
+        print(f"| {label} | {len(seeds)} | {acc} | {gap} | {_late_ratio(first)} | {_cell(corr)} | {wall} | "
+              f"`{first['command']}` |")
 
 
 def _run_folder(name: str) -> Path | None:
