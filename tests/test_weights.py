@@ -226,6 +226,8 @@ def test_filter_on_every_consumer():
     assert len(orthogonality_residuals(model)) == 2
     with pytest.raises(ValueError, match="filter names Embedding, which is not a weight layer"):
         init_model_(model, "orthonormal", filter=[nn.Embedding])
+    with pytest.raises(ValueError, match="filter must be a predicate .* got 'conv'"):
+        weighted_layers(model, filter="conv")
 
 
 # -- bad input: the library's wording --------------------------------------------------------------

@@ -52,6 +52,8 @@ def _accepts(filter: LayerFilter) -> Callable[[str, nn.Module], bool]:
         return lambda name, module: True
     if callable(filter) and not isinstance(filter, type):
         return filter
+    if isinstance(filter, (str, bytes)) or not isinstance(filter, (type, Sequence, set, frozenset)):
+        raise ValueError(f"filter must be a predicate (name, module) -> bool or a list of module types, got {filter!r}")
     types = tuple(filter) if not isinstance(filter, type) else (filter,)
     for t in types:
         if not (isinstance(t, type) and issubclass(t, WEIGHT_LAYER_TYPES)):
