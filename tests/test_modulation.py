@@ -277,7 +277,9 @@ def test_backward_reads_nothing_back_to_the_host(monkeypatch, tau, rule):
 
 
 @pytest.mark.parametrize("tau, rule", [(1.0, "consecutive"), (1.5, "consecutive"), (1.5, "top"), (4.0, "top")])
-def test_device_and_host_rules_give_the_same_bits(tau, rule):
+def test_device_and_host_rules_agree(tau, rule):
+    # bit for bit here, but not by construction: on the CPU torch divides by a 0-dim tensor by
+    # multiplying with its reciprocal, which can differ from Python's division in the last place
     torch.manual_seed(0)
     base = create("plain14", init="orthonormal").double()
     x, y = torch.randn(6, 3, 16, 16, dtype=torch.float64), torch.randint(0, 10, (6,))
@@ -290,8 +292,10 @@ def test_device_and_host_rules_give_the_same_bits(tau, rule):
                 nn.functional.cross_entropy(model(x), y).backward()
             results.append(([p.grad for p in model.parameters()], modulator.statistics()))
     (grads_device, stats_device), (grads_host, stats_host) = results
-    assert stats_device == stats_host and any(s != 1.0 for s in stats_host["scales"])
-    assert all(torch.equal(a, b) for a, b in zip(grads_device, grads_host))
+    assert any(s != 1.0 for s in stats_host["scales"])
+    for key in stats_host:
+        assert stats_device[key] == pytest.approx(stats_host[key], rel=1e-13)
+    assert all(float((a - b).norm() / b.norm()) < 1e-12 for a, b in zip(grads_device, grads_host))
 
 
 def test_a_second_modulator_on_one_model_is_refused_until_the_first_is_removed():

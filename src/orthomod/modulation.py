@@ -293,7 +293,7 @@ class ErrorModulator:
         # On an accelerator, moments, the band test and the factors stay 0-dim device tensors
         # (torch.where, never a Python branch on a value): no host sync per layer. On the CPU a
         # host read waits for nothing, and the same arithmetic on Python floats costs a third of
-        # the ~15 tensor ops per layer (docs/PERFORMANCE.md); both give the same bits.
+        # the ~15 tensor ops per layer (docs/PERFORMANCE.md); both agree to the last bit or two.
         # Which nodes are the reference is structure, known on the host.
         task = _backward_task()
         node.task = task
