@@ -283,11 +283,13 @@ class ErrorModulator:
             else:
                 frames.append((child, grandchildren, []))
 
-    def _reference_nodes(self, node: _Node, task: int) -> list[_Node]:
-        """The nodes whose moment ``node`` is compared with in this backward call ([]: none)."""
+    def _reference(self, node: _Node, task: int):
+        """The pooled moment ``node`` is compared with in this backward call (None: none)."""
         above = [m for m in node.above if m.task == task]
-        node.tops = tuple({id(t): t for m in above for t in (m.tops or (m,))}.values())
-        return above if self.rule == "consecutive" else list(node.tops)
+        if self.rule == "top":  # the topmost nodes above, kept for the nodes below
+            node.tops = tuple({id(t): t for m in above for t in (m.tops or (m,))}.values())
+            above = list(node.tops)
+        return _pooled([m.after for m in above], [m.numel for m in above]) if above else None
 
     def _backward_hook(self, node: _Node, grad: torch.Tensor) -> torch.Tensor | None:
         # On an accelerator, moments, the band test and the factors stay 0-dim device tensors
@@ -298,19 +300,18 @@ class ErrorModulator:
         task = _backward_task()
         node.task = task
         node.numel = grad.numel()
-        references = self._reference_nodes(node, task) if node.modulate else []
+        reference = self._reference(node, task) if node.modulate else None
         self._last = (node.pass_, task)
         norm = _root_sum_of_squares(grad.detach())
         on_device = self.rule_on_device if self.rule_on_device is not None else grad.device.type != "cpu"
         if not on_device:
-            return self._host_rule(node, references, float(norm) ** 2 / node.numel, grad)
+            return self._host_rule(node, reference, float(norm) ** 2 / node.numel, grad)
         norm = norm.to(torch.float32 if norm.device.type == "mps" else torch.float64)
         q = norm * norm / node.numel  # the second moment, as on the host
         node.before = q
-        if not references:
+        if reference is None:
             node.after, node.scale = q, 1.0
             return None
-        reference = _pooled([m.after for m in references], [m.numel for m in references])
         ratio = reference / q
         outside = (ratio > self.tau) | (ratio < 1.0 / self.tau)
         if self.rule == "consecutive":
@@ -322,12 +323,11 @@ class ErrorModulator:
         node.after, node.scale = q * scale**2, scale
         return grad * scale
 
-    def _host_rule(self, node: _Node, references: list[_Node], q: float, grad: torch.Tensor) -> torch.Tensor | None:
+    def _host_rule(self, node: _Node, reference: float | None, q: float, grad: torch.Tensor) -> torch.Tensor | None:
         """The rule of :meth:`_backward_hook` on host floats (CPU gradients)."""
         node.before = q
         scale = 1.0
-        if references and q > 0 and math.isfinite(q):
-            reference = _pooled([m.after for m in references], [m.numel for m in references])
+        if reference is not None and q > 0 and math.isfinite(q):
             ratio = reference / q
             if ratio > self.tau or ratio < 1.0 / self.tau:
                 if self.rule == "consecutive":
