@@ -249,8 +249,9 @@ class SRIPRegularizer:
             self.vectors.append(u / u.norm())
 
     @staticmethod
-    def _filters(w: _Weight, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return filter_matrices(w.tensor if weight is None else weight, w.groups, w.transposed)
+    def _filters(w: _Weight, weight: torch.Tensor) -> torch.Tensor:
+        """``V`` of ``weight`` (``w``'s tensor, detached or not) in ``w``'s layout."""
+        return filter_matrices(weight, w.groups, w.transposed)
 
     @staticmethod
     def _times(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
