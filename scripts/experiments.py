@@ -198,6 +198,46 @@ LEADERBOARD_EXISTING = {"e1-plain44-l2": "msra + L2 (baseline, experiment 1)",
                         "e1-plain44-ortho": "the paper: orthonormal init + orthonormality",
                         "e2-plain44-ortho-mod": "the paper: orthonormality + modulation (tau 1)",
                         "e2-resnet44-l2": "reference: resnet-44, msra + L2"}
+LEADERBOARD_REFERENCE = "e2-resnet44-l2"  # the residual net: the gap column's zero, not a candidate
+LEADERBOARD_ROWS = {**LEADERBOARD_EXISTING, **{f"lb-plain44-{key}": label for key, (label, _) in
+                                              LEADERBOARD_METHODS.items()}}
+
+# Experiment 4 (and 2's plain-110 rows): plain-110 with orthonormality, by modulation setting
+PLAIN110_ROWS = {"e2-plain110-ortho": "none",
+                 "e2-plain110-ortho-warmup": "none; lr warmed up from 0.01 to 0.1 over 400 iterations",
+                 "e2-plain110-ortho-mod": "paper's rule, tau 2, first 400 iterations",
+                 "e4-plain110-ortho-modtop": "our top rule, tau 2, first 400 iterations",
+                 "e4-plain110-ortho-mod-tau1.1-always": "paper's rule, tau 1.1, always",
+                 "e4-plain110-ortho-mod-tau1-until400": "every layer (tau 1), first 400 iterations",
+                 "e4-plain110-ortho-mod-tau1-until780": "every layer (tau 1), first 780 iterations (first lr phase)",
+                 "e4-plain110-ortho-mod-always": "every layer (tau 1), always",
+                 "e2-plain110-l2": "reference: msra + L2, no modulation"}
+
+# Issue 15, item 2: accuracy against depth, each depth at its budget, for the baseline and the best
+# two methods measured (until a screening row of the leaderboard overtakes them: the paper's two),
+# against the residual net of the same depth. Experiment 2's runs.
+DEPTH_BUDGETS = {20: "10 epochs", 44: "10 epochs", 110: "4 epochs"}
+DEPTH_SWEEP = {
+    "msra + L2": {20: "e2-plain20-l2", 44: "e1-plain44-l2", 110: "e2-plain110-l2"},
+    "ortho init + reg": {20: "e2-plain20-ortho", 44: "e1-plain44-ortho", 110: "e2-plain110-ortho"},
+    "ortho + modulation (tau 1)": {20: "e2-plain20-ortho-mod", 44: "e2-plain44-ortho-mod",
+                                   110: "e4-plain110-ortho-mod-always"},
+    "residual, msra + L2": {20: "e2-resnet20-l2", 44: "e2-resnet44-l2", 110: "e2-resnet110-l2"},
+}
+
+# Issue 15, item 3: the best plain-44 method against resnet-44 at 4x the leaderboard's budget (40
+# epochs), two seeds; the best measured is the paper's method with modulation (leaderboard)
+EXPERIMENTS.update({f"x4-plain44-ortho-mod-s{seed}": [*C10, "--model", "plain44", "--epochs", "40", "--seed",
+                                                      str(seed), *ORTHO, *mod(1.0, "always")] for seed in (0, 1)})
+EXPERIMENTS.update({f"x4-resnet44-l2-s{seed}": [*C10, "--model", "resnet44", "--epochs", "40", "--seed", str(seed),
+                                                *L2] for seed in (0, 1)})
+
+# Issue 15, item 4: the recommended recipe per depth, a preset each, and the rows it is chosen from:
+# the candidate with the best mean final test accuracy among those run with at least
+# RECIPE_MIN_SEEDS seeds, every one completed (tests/test_experiments_script.py holds the presets to it)
+RECIPE_MIN_SEEDS = 3
+RECIPES = {"plain44-best": [base for base in LEADERBOARD_ROWS if base != LEADERBOARD_REFERENCE],
+           "plain110-best": list(PLAIN110_ROWS)}
 
 
 # the runs of 2026-11-25, each report with the runs it is compared with
@@ -310,6 +350,8 @@ def tables() -> None:
     _comparisons(runs)
     print()
     leaderboard(runs)
+    print()
+    _recipes_table(runs)
 
 
 def _result(run: dict | None) -> str:
@@ -411,18 +453,9 @@ def _comparisons(runs: dict[str, dict]) -> None:
 
 def _modulation_table(runs: dict[str, dict]) -> None:
     """Experiment 4: plain-110 with orthonormality, by modulation setting, every seed."""
-    rows = {"e2-plain110-ortho": "none",
-            "e2-plain110-ortho-warmup": "none; lr warmed up from 0.01 to 0.1 over 400 iterations",
-            "e2-plain110-ortho-mod": "paper's rule, tau 2, first 400 iterations",
-            "e4-plain110-ortho-modtop": "our top rule, tau 2, first 400 iterations",
-            "e4-plain110-ortho-mod-tau1.1-always": "paper's rule, tau 1.1, always",
-            "e4-plain110-ortho-mod-tau1-until400": "every layer (tau 1), first 400 iterations",
-            "e4-plain110-ortho-mod-tau1-until780": "every layer (tau 1), first 780 iterations (first lr phase)",
-            "e4-plain110-ortho-mod-always": "every layer (tau 1), always",
-            "e2-plain110-l2": "reference: msra + L2, no modulation"}
     print("| run | modulation | final test acc per seed (%) | mean (%) | std (points) | spread (points) |")
     print("|---|---|---|---|---|---|")
-    for base, label in rows.items():
+    for base, label in PLAIN110_ROWS.items():
         print(f"| {base} | {label} | {_seed_cells(_seeds(base, runs))} |")
 
 
@@ -456,14 +489,89 @@ def _mean_over_seeds(base: str, runs: dict[str, dict]) -> str:
 
 def _depth_table(runs: dict[str, dict]) -> None:
     """Experiment 2: final test accuracy (%) by depth and method, the mean where there are several seeds."""
-    rows = {"plain-20 (10 epochs)": ("e2-plain20-l2", "e2-plain20-ortho", "e2-plain20-ortho-mod", "e2-resnet20-l2"),
-            "plain-44 (10 epochs)": ("e1-plain44-l2", "e1-plain44-ortho", "e2-plain44-ortho-mod", "e2-resnet44-l2"),
-            "plain-110 (4 epochs)": ("e2-plain110-l2", "e2-plain110-ortho", "e4-plain110-ortho-mod-always",
-                                     "e2-resnet110-l2")}
-    print("| depth (budget) | msra + L2 | ortho init + reg | ortho + modulation (tau 1) | residual, msra + L2 |")
-    print("|---|---|---|---|---|")
-    for label, bases in rows.items():
-        print(f"| {label} | " + " | ".join(_mean_over_seeds(b, runs) for b in bases) + " |")
+    print("| depth (budget) | " + " | ".join(DEPTH_SWEEP) + " |")
+    print("|---" * (len(DEPTH_SWEEP) + 1) + "|")
+    for depth, budget in DEPTH_BUDGETS.items():
+        cells = (_mean_over_seeds(bases[depth], runs) for bases in DEPTH_SWEEP.values())
+        print(f"| plain-{depth} ({budget}) | " + " | ".join(cells) + " |")
+
+
+def _depth_points(runs: dict[str, dict]) -> dict[str, list[tuple]]:
+    """Per method of DEPTH_SWEEP: (depth, mean, lowest, highest final test accuracy in %, seeds
+    completed, seeds diverged) for each depth with a run; mean and range None where none completed."""
+    points = {}
+    for method, bases in DEPTH_SWEEP.items():
+        points[method] = []
+        for depth, base in bases.items():
+            seeds = _seeds(base, runs)
+            if not seeds:
+                continue
+            accs = [100 * a for a in _accuracies(seeds)]
+            diverged = sum(r["summary"]["status"] == "diverged" for r in seeds)
+            stats = (fmean(accs), min(accs), max(accs)) if accs else (None, None, None)
+            points[method].append((depth, *stats, len(accs), diverged))
+    return points
+
+
+def depth_figure(runs: dict[str, dict], out: Path) -> Path:
+    """Issue 15's depth figure: final test accuracy against depth, one line per method (mean over
+    seeds, bars from the lowest to the highest seed); a depth where every seed diverged is an x at
+    chance (10%)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    sweep = _depth_points(runs)
+    for i, (method, points) in enumerate(sweep.items()):
+        shift = 1 + 0.015 * (i - (len(sweep) - 1) / 2)  # side by side, so that equal points stay visible
+        done = [p for p in points if p[1] is not None]
+        line = ax.errorbar([shift * p[0] for p in done], [p[1] for p in done],
+                           yerr=[[p[1] - p[2] for p in done], [p[3] - p[1] for p in done]],
+                           marker="o", capsize=3, label=method)
+        failed = [p[0] for p in points if p[1] is None and p[5]]
+        if failed:
+            ax.plot([shift * d for d in failed], [10.0] * len(failed), "x", markersize=9, color=line[0].get_color())
+    ax.axhline(10.0, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xscale("log")
+    ax.set_xticks(list(DEPTH_BUDGETS), [f"{d}\n({b})" for d, b in DEPTH_BUDGETS.items()])
+    ax.minorticks_off()
+    ax.set_xlabel("depth (budget)")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title("CIFAR-10: accuracy against depth (x: every seed diverged)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "accuracy_vs_depth.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def best_row(bases: list[str], runs: dict[str, dict]) -> tuple[str, float, int] | None:
+    """The base with the best mean final test accuracy among ``bases`` run with at least
+    RECIPE_MIN_SEEDS seeds, every one completed: (base, mean in %, seeds), or None."""
+    scored = []
+    for base in bases:
+        seeds = _seeds(base, runs)
+        accs = _accuracies(seeds)
+        if len(seeds) >= RECIPE_MIN_SEEDS and len(accs) == len(seeds):
+            scored.append((100 * fmean(accs), base, len(seeds)))
+    if not scored:
+        return None
+    mean, base, n = max(scored)
+    return base, mean, n
+
+
+def _recipes_table(runs: dict[str, dict]) -> None:
+    """Issue 15: which row each recommended preset comes from."""
+    print(f"| preset | chosen from | best row with >= {RECIPE_MIN_SEEDS} seeds | mean final test acc (%) |")
+    print("|---|---|---|---|")
+    for preset, bases in RECIPES.items():
+        best = best_row(bases, runs)
+        chosen = "none yet" if best is None else f"{best[0]} | {best[1]:.2f} ({best[2]} seeds)"
+        print(f"| {preset} | {len(bases)} rows | {chosen} |")
 
 
 def _late_ratio(run: dict) -> str:
@@ -479,9 +587,8 @@ def leaderboard(runs: dict[str, dict]) -> None:
     """Issue 15: one row per method at plain-44, 10 epochs: accuracy over seeds, gap to the
     residual net, Fig. 3's moment ratio and Fig. 2's filter correlation at the end (seed 0),
     wall time against the baseline run on the same CPU kind, and the command."""
-    rows = {**{base: label for base, label in LEADERBOARD_EXISTING.items()},
-            **{f"lb-plain44-{key}": label for key, (label, _) in LEADERBOARD_METHODS.items()}}
-    reference = _accuracies(_seeds("e2-resnet44-l2", runs))
+    rows = LEADERBOARD_ROWS
+    reference = _accuracies(_seeds(LEADERBOARD_REFERENCE, runs))
     baseline = runs.get("lb-plain44-l2-s0")
     print("| method | seeds | final test acc (%) | gap to resnet-44 (points) | q(first)/q(last) | filter corr. | "
           "wall time / baseline | command (seed 0) |")
@@ -539,7 +646,10 @@ def figures(only: str | None = None) -> None:
         "leaderboard-plain44": [f"{base}-s0" for base in LEADERBOARD_EXISTING] + [n for n in EXPERIMENTS
                                                                                   if n.startswith("lb-")],
         "full-protocol": [n for n in EXPERIMENTS if n.startswith("f-")],
+        "x4-plain44": [n for n in EXPERIMENTS if n.startswith("x4-")],
     }
+    if not only or only in "depth-sweep":
+        print("wrote", depth_figure(_collected(), ROOT / "docs" / "results" / "depth-sweep"))
     for group, names in groups.items():
         if only and only not in group:
             continue

@@ -63,3 +63,56 @@ def test_seed_table_keeps_the_named_prefixes(experiments, capsys):
     experiments._seed_table(runs, ("e1-",))
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| e") or line.startswith("| t")]
     assert rows == ["| e1-a | 50.00, 70.00 | 60.00 | 14.14 | 20.00 |"]  # t2-b filtered out, e1-c has one seed
+
+
+def _runs(**results):
+    """Collected runs from ``name=acc`` (a float) or ``name="diverged"``."""
+    return {name.replace("_", "-"): {"summary": {"status": "diverged", "diverged_at_step": 5, "final_test_acc": None}
+                                     if acc == "diverged" else {"status": "completed", "final_test_acc": acc}}
+            for name, acc in results.items()}
+
+
+def test_depth_points_give_mean_and_range_and_count_diverged_seeds(experiments, monkeypatch, tmp_path):
+    monkeypatch.setattr(experiments, "DEPTH_SWEEP", {"m": {20: "a", 44: "b", 110: "c"}})
+    runs = _runs(a_s0=0.50, a_s1=0.70, a_s2=0.60, b_s0=0.40, b_s1="diverged", c_s0="diverged", c_s1="diverged")
+    points = experiments._depth_points(runs)["m"]
+    assert points[0] == (20, pytest.approx(60.0), pytest.approx(50.0), pytest.approx(70.0), 3, 0)
+    assert points[1] == (44, pytest.approx(40.0), pytest.approx(40.0), pytest.approx(40.0), 1, 1)
+    assert points[2] == (110, None, None, None, 0, 2)
+    assert experiments.depth_figure(runs, tmp_path).stat().st_size > 0
+
+
+def test_best_row_needs_enough_seeds_all_completed(experiments, monkeypatch):
+    monkeypatch.setattr(experiments, "RECIPE_MIN_SEEDS", 3)
+    runs = _runs(a_s0=0.9, a_s1=0.9, b_s0=0.5, b_s1=0.6, b_s2=0.7, c_s0=0.8, c_s1=0.8, c_s2="diverged",
+                 d_s0=0.55, d_s1=0.55, d_s2=0.55)
+    # a: two seeds only; c: a diverged seed; of b (60.00) and d (55.00), b
+    best = experiments.best_row(["a", "b", "c", "d"], runs)
+    assert best[0] == "b" and best[1] == pytest.approx(60.0) and best[2] == 3
+    assert experiments.best_row(["a", "c"], runs) is None
+
+
+# what a recipe is made of: every setting of the method, none of the budget, run or machine
+METHOD_KEYS = ("model", "optimizer", "learning_rate", "momentum", "init", "reg", "reg_coeff", "activation", "norm",
+               "parametrization", "modulation", "modulation_tau", "modulation_until", "modulation_rule",
+               "augment", "normalize", "batch_size", "schedule", "milestones", "lr_decay", "warmup_steps")
+
+
+def test_recommended_presets_are_the_best_rows_measured(experiments):
+    """Each recipe preset trains what the committed runs found best: if a new result changes the
+    ranking, this fails until the preset (and the README's paragraph) follow."""
+    import dataclasses
+
+    from orthomod.config import DEFAULT_LR, TrainConfig, load_config_file
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    runs = experiments._collected()
+    for preset, bases in experiments.RECIPES.items():
+        best = experiments.best_row(bases, runs)
+        assert best is not None, preset
+        config = TrainConfig.from_dict(load_config_file(preset))
+        measured = json.loads((experiments.COLLECTED / f"{best[0]}-s0" / "config.json").read_text())
+        measured = {**defaults, **measured}
+        measured["learning_rate"] = measured["lr"] if measured["lr"] is not None else DEFAULT_LR[measured["optimizer"]]
+        for key in METHOD_KEYS:
+            assert getattr(config, key) == measured[key], (preset, best[0], key)
