@@ -18,15 +18,28 @@ import time
 import torch
 import torch.nn.functional as F
 
+import orthomod.modulation
 from orthomod import ErrorModulator, create
 
 from bench_step import cpu_model
 
 
 class _TimedModulator(ErrorModulator):
+    active_instance = None  # the one whose parts the timed norm adds to
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.seconds = {"backward_hooks": 0.0, "forward_hooks": 0.0}
+        # parts of the backward hooks: the error moments (one read of each error tensor) and, on
+        # host floats, the rule with the multiply of the error tensor by its factor
+        self.parts = {"error_moments": 0.0, "host_rule_and_scaled_error": 0.0}
+        _TimedModulator.active_instance = self
+
+    def _host_rule(self, *args):
+        start = time.perf_counter()
+        result = super()._host_rule(*args)
+        self.parts["host_rule_and_scaled_error"] += time.perf_counter() - start
+        return result
 
     def _timed(self, key, method, *args):
         start = time.perf_counter()
@@ -41,12 +54,23 @@ class _TimedModulator(ErrorModulator):
         return self._timed("forward_hooks", super()._forward_hook, *args)
 
 
+_norm = orthomod.modulation._root_sum_of_squares
+
+
+def _timed_norm(t):
+    start = time.perf_counter()
+    result = _norm(t)
+    _TimedModulator.active_instance.parts["error_moments"] += time.perf_counter() - start
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="plain110")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
+    orthomod.modulation._root_sum_of_squares = _timed_norm
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch_size,))
@@ -58,6 +82,7 @@ def main() -> None:
         for step in range(args.steps + 1):
             if step == 1:  # the first step warms up; count the rest
                 modulator.seconds = dict.fromkeys(modulator.seconds, 0.0)
+                modulator.parts = dict.fromkeys(modulator.parts, 0.0)
                 total = 0.0
             start = time.perf_counter()
             model.zero_grad(set_to_none=True)
@@ -66,7 +91,9 @@ def main() -> None:
         modulator.remove()
         per_step = {k: round(1e3 * v / args.steps, 2) for k, v in modulator.seconds.items()}
         result["rule on device tensors" if on_device else "rule on host floats"] = {
-            "ms_per_step": per_step, "fwd_bwd_ms_per_step": round(1e3 * total / args.steps, 1),
+            "ms_per_step": per_step,
+            "of_which_backward_ms_per_step": {k: round(1e3 * v / args.steps, 2) for k, v in modulator.parts.items()},
+            "fwd_bwd_ms_per_step": round(1e3 * total / args.steps, 1),
             "hooks_fraction_of_fwd_bwd": round(sum(modulator.seconds.values()) / total, 4)}
     print(json.dumps({"model": args.model, "batch_size": args.batch_size, "steps": args.steps, "cpu": cpu_model(),
                       "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,

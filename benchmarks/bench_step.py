@@ -10,7 +10,9 @@ the precision ``--precision auto`` picks on this machine (or the one named) and 
   conv-ortho ConvOrthogonalityRegularizer.add_grad_() (Wang et al. 2020) in place of weight decay
   ortho+mod@REV  ortho+mod with the ErrorModulator of git revision REV (``--against REV``): an
              earlier implementation against today's, in one process
-Configurations are interleaved round by round (the machine is noisy) and the medians compared.
+Configurations are interleaved round by round (the machine is noisy) and the medians compared,
+both of wall time and of the process's CPU time (``time.process_time``, all threads): on a shared
+VM the time the hypervisor gives to other guests lands in wall time but not in CPU time.
 
     python benchmarks/bench_step.py --model plain110 --batch-size 128 --rounds 10 --tau 1
     python benchmarks/bench_step.py --configs l2,ortho+mod --against d9db74f
@@ -47,6 +49,12 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> float:
+    """The median over rounds of one configuration's time over the reference's in the same round
+    (a slow spell of the machine hits both of a round's measurements alike)."""
+    return statistics.median(a / b for a, b in zip(times, reference))
 
 
 def modulator_at(revision: str) -> type:
@@ -117,12 +125,14 @@ def main() -> None:
         for _ in range(2):
             steps[n](x, y)
     times = {n: [] for n in names}
+    cpu_times = {n: [] for n in names}  # CPU seconds of this process (all threads)
     for _ in range(args.rounds):
         for n in names:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(args.steps_per_round):
                 steps[n](x, y)
             times[n].append((time.perf_counter() - start) / args.steps_per_round)
+            cpu_times[n].append((time.process_time() - cpu_start) / args.steps_per_round)
     ref = statistics.median(times["l2"])
     result = {
         "model": args.model, "batch_size": args.batch_size, "rounds": args.rounds, "tau": args.tau,
@@ -132,6 +142,11 @@ def main() -> None:
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
         "median_step_s": {n: round(statistics.median(t), 4) for n, t in times.items()},
         "ratio_vs_l2": {n: round(statistics.median(t) / ref, 4) for n, t in times.items()},
+        "median_round_ratio_vs_l2": {n: round(paired_ratio(t, times["l2"]), 4) for n, t in times.items()},
+        "cpu_time_median_round_ratio_vs_l2": {n: round(paired_ratio(t, cpu_times["l2"]), 4)
+                                              for n, t in cpu_times.items()},
+        "cpu_time_round_ratios_vs_l2": {n: [round(a / b, 3) for a, b in zip(t, cpu_times["l2"])]
+                                        for n, t in cpu_times.items() if n != "l2"},
     }
     print(json.dumps(result, indent=2))
 
