@@ -15,6 +15,14 @@ With ``--against probes`` it instead compares the trainer recording diagnostics 
 (the default) with the trainer recording none, over windows that contain the probed steps:
 
     ORTHOMOD_DATA=DIR python benchmarks/bench_trainer.py --against probes --steps 400 --rounds 2
+
+With ``--against hand-overhead`` it measures the trainer's extra time per step directly: both
+loops train a skeleton of the model (its number of conv layers, 1x1 convs on 4x4 images, so that
+the step's arithmetic and the noise that comes with it nearly vanish), their per-step times are
+compared round by round, and the median difference is set against the real model's hand-loop
+step to estimate the ratio:
+
+    ORTHOMOD_DATA=DIR python benchmarks/bench_trainer.py --against hand-overhead --model plain44 --steps 300 --rounds 7
 """
 from __future__ import annotations
 
@@ -37,9 +45,10 @@ from orthomod.train import Trainer
 from bench_step import cpu_model
 
 
-def hand_written_loop(model_name: str, dataset, steps: int, batch_size: int, warmup: int, precision) -> float:
+def hand_written_loop(model_name: str, dataset, steps: int, batch_size: int, warmup: int, precision,
+                      build=None) -> float:
     torch.manual_seed(0)
-    model = create(model_name, init="msra").to(memory_format=torch.channels_last)
+    model = (build() if build is not None else create(model_name, init="msra")).to(memory_format=torch.channels_last)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": 1e-4}, {"params": rest, "weight_decay": 0}],
@@ -75,6 +84,52 @@ def trainer_run(config: TrainConfig, warmup_windows: int) -> float:
         config.log_every * config.batch_size / w["images_per_s"] for w in windows)
 
 
+def skeleton(convs: int, num_classes: int = 10) -> torch.nn.Module:
+    """As many conv layers as the real model, each 1x1 with 3 channels on a 4x4 image, and a
+    linear classifier: the same number of modules for the trainer's hooks and the optimizer to
+    visit, with next to no arithmetic."""
+    layers = [torch.nn.AdaptiveAvgPool2d(4)]
+    for _ in range(convs):
+        layers += [torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.Linear(48, num_classes))
+
+
+def measure_overhead(args, precision) -> None:
+    """The trainer's cost beyond the hand-written loop, in ms per step, measured where the step's
+    arithmetic is next to nothing (a skeleton of the model: its conv count, 1x1 convs on 4x4
+    images), so that the machine's noise, which scales with the arithmetic, does not swamp it;
+    then the real model's hand-loop step time, to turn it into the ratio trainer / hand loop."""
+    import orthomod.train
+
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in create(args.model).modules())
+    orthomod.train.build_model = lambda config, num_classes, init=None: skeleton(convs, num_classes)
+    log_every, warmup = 10, 20
+    config = TrainConfig(model=args.model, dataset=args.dataset, iterations=args.steps + warmup,
+                         batch_size=args.batch_size, log_every=log_every, checkpoint_every=10**9,
+                         eval_batch_size=1000, init="msra", reg="l2", precision=precision.name)
+    dataset = load_dataset(args.dataset)
+    trainer_ms, hand_ms = [], []
+    for _ in range(args.rounds):
+        trainer_ms.append(1e3 * args.batch_size / trainer_run(config, warmup_windows=warmup // log_every))
+        hand_ms.append(1e3 * args.batch_size / hand_written_loop(args.model, dataset, args.steps, args.batch_size,
+                                                                 warmup, precision, build=lambda: skeleton(convs)))
+    overhead = statistics.median(t - h for t, h in zip(trainer_ms, hand_ms))
+    real = [1e3 * args.batch_size / hand_written_loop(args.model, dataset, args.real_steps, args.batch_size, 3,
+                                                      precision) for _ in range(2)]
+    step = statistics.median(real)
+    print(json.dumps({
+        "model": args.model, "dataset": args.dataset, "batch_size": args.batch_size, "convs": convs,
+        "skeleton_steps_per_round": args.steps, "rounds": args.rounds, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "machine": platform.machine(), "precision": precision.name,
+        "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "skeleton_trainer_ms_per_step": [round(v, 3) for v in trainer_ms],
+        "skeleton_hand_loop_ms_per_step": [round(v, 3) for v in hand_ms],
+        "trainer_overhead_ms_per_step": round(overhead, 3),
+        "real_model_hand_loop_ms_per_step": [round(v, 1) for v in real],
+        "estimated_ratio_trainer_over_hand": round(step / (step + overhead), 4),
+    }, indent=2))
+
+
 def compare_probes(args) -> None:
     log_every, warmup = 100, 100
     base = TrainConfig(model=args.model, dataset=args.dataset, iterations=args.steps + warmup,
@@ -100,12 +155,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--against", choices=("hand", "probes"), default="hand")
+    parser.add_argument("--against", choices=("hand", "probes", "hand-overhead"), default="hand")
+    parser.add_argument("--real-steps", type=int, default=10,
+                        help="--against hand-overhead: steps of the real model's hand loop (twice)")
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
     precision = choose_precision(args.precision, torch.device("cpu"))
     if args.against == "probes":
         return compare_probes(args)
+    if args.against == "hand-overhead":
+        return measure_overhead(args, precision)
 
     log_every, warmup = 10, 10
     config = TrainConfig(model=args.model, dataset=args.dataset, iterations=args.steps + warmup,
