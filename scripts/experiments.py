@@ -232,6 +232,10 @@ EXPERIMENTS.update({f"x4-plain44-ortho-mod-s{seed}": [*C10, "--model", "plain44"
 EXPERIMENTS.update({f"x4-resnet44-l2-s{seed}": [*C10, "--model", "resnet44", "--epochs", "40", "--seed", str(seed),
                                                 *L2] for seed in (0, 1)})
 
+# Presets whose comments quote committed runs: the runs they quote (issue 12's depth demo);
+# tests/test_experiments_script.py holds each preset's method and budget to those runs
+PRESET_EVIDENCE = {"depth-demo": "e4-plain110-ortho-mod-always", "depth-demo-l2": "e2-plain110-l2"}
+
 # Issue 15, item 4: the recommended recipe per depth, a preset each, and the rows it is chosen from:
 # the candidate with the best mean final test accuracy among those run with at least
 # RECIPE_MIN_SEEDS seeds, every one completed (tests/test_experiments_script.py holds the presets to it)

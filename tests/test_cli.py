@@ -124,6 +124,14 @@ def test_a_config_file_can_start_from_a_preset(tmp_path):
     assert values == {"dataset": "cifar10", "iterations": 64000, "batch_size": 128, "optimizer": "sgd", "lr": 0.05,
                       "augment": "flip", "normalize": "pixel", "init": "orthonormal", "reg": "ortho",
                       "reg_coeff": 1e-4, "model": "plain56"}
+    shorter = tmp_path / "shorter.toml"  # a budget replaces the base's budget of the other kind, as a flag does
+    shorter.write_text('base = "plain44-ortho"\nepochs = 4\n')
+    values = load_config_file(str(shorter))
+    assert values["epochs"] == 4 and "iterations" not in values
+    longer = tmp_path / "longer.toml"
+    longer.write_text(f'base = "{shorter}"\niterations = 100\n')
+    values = load_config_file(str(longer))
+    assert values["iterations"] == 100 and "epochs" not in values
     loop = tmp_path / "loop.toml"
     loop.write_text(f'base = "{loop}"\n')
     with pytest.raises(ConfigError, match="is its own base"):

@@ -98,21 +98,37 @@ METHOD_KEYS = ("model", "optimizer", "learning_rate", "momentum", "init", "reg",
                "augment", "normalize", "batch_size", "schedule", "milestones", "lr_decay", "warmup_steps")
 
 
-def test_recommended_presets_are_the_best_rows_measured(experiments):
-    """Each recipe preset trains what the committed runs found best: if a new result changes the
-    ranking, this fails until the preset (and the README's paragraph) follow."""
+def _assert_preset_trains_as(experiments, preset: str, run: str, keys: tuple[str, ...]) -> None:
     import dataclasses
 
     from orthomod.config import DEFAULT_LR, TrainConfig, load_config_file
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig.from_dict(load_config_file(preset))
+    measured = {**defaults, **json.loads((experiments.COLLECTED / run / "config.json").read_text())}
+    measured["learning_rate"] = measured["lr"] if measured["lr"] is not None else DEFAULT_LR[measured["optimizer"]]
+    for key in keys:
+        assert getattr(config, key) == measured[key], (preset, run, key)
+
+
+def test_recommended_presets_are_the_best_rows_measured(experiments):
+    """Each recipe preset trains what the committed runs found best: if a new result changes the
+    ranking, this fails until the preset (and the README's paragraph) follow."""
     runs = experiments._collected()
     for preset, bases in experiments.RECIPES.items():
         best = experiments.best_row(bases, runs)
         assert best is not None, preset
-        config = TrainConfig.from_dict(load_config_file(preset))
-        measured = json.loads((experiments.COLLECTED / f"{best[0]}-s0" / "config.json").read_text())
-        measured = {**defaults, **measured}
-        measured["learning_rate"] = measured["lr"] if measured["lr"] is not None else DEFAULT_LR[measured["optimizer"]]
-        for key in METHOD_KEYS:
-            assert getattr(config, key) == measured[key], (preset, best[0], key)
+        _assert_preset_trains_as(experiments, preset, f"{best[0]}-s0", METHOD_KEYS)
+
+
+def test_presets_quoting_runs_train_as_those_runs_and_quote_them_right(experiments):
+    from importlib import resources
+
+    runs = experiments._collected()
+    for preset, base in experiments.PRESET_EVIDENCE.items():
+        seeds = [name for name in sorted(runs) if experiments._base(name) == base]
+        assert seeds, base
+        text = (resources.files("orthomod") / "presets" / f"{preset}.toml").read_text()
+        for name in seeds:
+            _assert_preset_trains_as(experiments, preset, name, METHOD_KEYS + ("epochs", "iterations", "dataset"))
+            assert f"{100 * runs[name]['summary']['final_test_acc']:.2f}%" in text, (preset, name)

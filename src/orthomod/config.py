@@ -272,12 +272,17 @@ def _read_config(path_or_preset: str, seen: tuple[str, ...] = ()) -> dict:
         return values
     if not isinstance(base, str):
         raise ConfigError(f"config file {path}: base must be the name of a preset or a file, got {base!r}")
-    return {**_read_config(base, seen + (path_or_preset,)), **values}
+    inherited = _read_config(base, seen + (path_or_preset,))
+    for budget, other in (("epochs", "iterations"), ("iterations", "epochs")):
+        if budget in values and other not in values:
+            inherited.pop(other, None)  # a budget in the file replaces the base's, as a budget flag does
+    return {**inherited, **values}
 
 
 def load_config_file(path_or_preset: str) -> dict:
     """Values of a TOML config file, or of a preset by name. ``base = "NAME"`` in a file starts
-    from the values of that preset (or file) and overrides them with the file's own."""
+    from the values of that preset (or file) and overrides them with the file's own; a budget
+    (``epochs`` or ``iterations``) in the file replaces the base's budget of either kind."""
     values = _read_config(path_or_preset)
     TrainConfig.from_dict(values, source=str(_config_path(path_or_preset)))  # unknown keys fail, naming the file
     return values
