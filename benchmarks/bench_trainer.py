@@ -84,6 +84,13 @@ def trainer_run(config: TrainConfig, warmup_windows: int) -> float:
         config.log_every * config.batch_size / w["images_per_s"] for w in windows)
 
 
+def hand_loop_config(args, precision, warmup: int, log_every: int) -> TrainConfig:
+    """The trainer's settings matching the hand-written loop: msra + L2, no checkpoints mid-run."""
+    return TrainConfig(model=args.model, dataset=args.dataset, iterations=args.steps + warmup,
+                       batch_size=args.batch_size, log_every=log_every, checkpoint_every=10**9,
+                       eval_batch_size=1000, init="msra", reg="l2", precision=precision.name)
+
+
 def skeleton(convs: int, num_classes: int = 10) -> torch.nn.Module:
     """As many conv layers as the real model, each 1x1 with 3 channels on a 4x4 image, and a
     linear classifier: the same number of modules for the trainer's hooks and the optimizer to
@@ -104,9 +111,7 @@ def measure_overhead(args, precision) -> None:
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in create(args.model).modules())
     orthomod.train.build_model = lambda config, num_classes, init=None: skeleton(convs, num_classes)
     log_every, warmup = 10, 20
-    config = TrainConfig(model=args.model, dataset=args.dataset, iterations=args.steps + warmup,
-                         batch_size=args.batch_size, log_every=log_every, checkpoint_every=10**9,
-                         eval_batch_size=1000, init="msra", reg="l2", precision=precision.name)
+    config = hand_loop_config(args, precision, warmup, log_every)
     dataset = load_dataset(args.dataset)
     trainer_ms, hand_ms = [], []
     for _ in range(args.rounds):
@@ -167,9 +172,7 @@ def main() -> None:
         return measure_overhead(args, precision)
 
     log_every, warmup = 10, 10
-    config = TrainConfig(model=args.model, dataset=args.dataset, iterations=args.steps + warmup,
-                         batch_size=args.batch_size, log_every=log_every, checkpoint_every=10**9,
-                         eval_batch_size=1000, init="msra", reg="l2", precision=precision.name)
+    config = hand_loop_config(args, precision, warmup, log_every)
     dataset = load_dataset(args.dataset)
     ours, hand = [], []
     for _ in range(args.rounds):
