@@ -132,3 +132,12 @@ def test_presets_quoting_runs_train_as_those_runs_and_quote_them_right(experimen
         for name in seeds:
             _assert_preset_trains_as(experiments, preset, name, METHOD_KEYS + ("epochs", "iterations", "dataset"))
             assert f"{100 * runs[name]['summary']['final_test_acc']:.2f}%" in text, (preset, name)
+
+
+def test_only_picks_names_containing_any_of_its_parts(experiments):
+    assert experiments._selected("lb-plain44-l2-s0", None)
+    assert experiments._selected("lb-plain44-l2-s0", "lb-,x4-") and experiments._selected("x4-resnet44-l2-s1", "lb-,x4-")
+    assert not experiments._selected("f-plain44-ortho-s0", "lb-,x4-")
+    assert not experiments._selected("f-plain44-ortho-s0", "lb-,")  # an empty part picks nothing
+    queue = [name for name in experiments.EXPERIMENTS if experiments._selected(name, "x4-,lb-")]
+    assert queue.index("lb-plain44-tat-s0") < queue.index("x4-plain44-ortho-mod-s0")  # the queue's order
