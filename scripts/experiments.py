@@ -193,6 +193,15 @@ LEADERBOARD_METHODS: dict[str, tuple[str, list[str]]] = {
 }
 EXPERIMENTS.update({f"lb-plain44-{key}-s0": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "0", *flags]
                     for key, (_, flags) in LEADERBOARD_METHODS.items()})
+# Seeds 1 and 2 of a screening row, run only where it decides the ranking (checked by `run` when the
+# queue reaches them, after every seed 0): its seed 0 completed no more than DECIDING_MARGIN points
+# below the best row with RECIPE_MIN_SEEDS seeds, or above it. The baseline rerun needs none.
+DECIDING_MARGIN = 3.0
+CONDITIONAL_SEEDS = {f"lb-plain44-{key}-s{seed}": [*C10, "--model", "plain44", "--epochs", "10", "--seed", str(seed),
+                                                   *flags]
+                     for key, (_, flags) in LEADERBOARD_METHODS.items() if key != "l2" for seed in (1, 2)}
+EXPERIMENTS.update(CONDITIONAL_SEEDS)
+
 # the rows already measured by experiments 1 and 2, in the leaderboard under their own names
 LEADERBOARD_EXISTING = {"e1-plain44-l2": "msra + L2 (baseline, experiment 1)",
                         "e1-plain44-ortho": "the paper: orthonormal init + orthonormality",
@@ -256,10 +265,26 @@ LATER_ADADELTA = ["t2-plain110-adadelta-4ep-s0", "t2-plain110-adadelta-4ep-s1",
 
 def _status(name: str) -> str | None:
     """The run's status here, else that of its collected copy (a fresh clone has no runs/)."""
+    summary = _summary(name)
+    return None if summary is None else summary["status"]
+
+
+def _summary(name: str) -> dict | None:
+    """The run's summary here, else its collected copy's."""
     for summary in (RUNS / name / "summary.json", COLLECTED / name / "summary.json"):
         if summary.exists():
-            return json.loads(summary.read_text())["status"]
+            return json.loads(summary.read_text())
     return None
+
+
+def _decides(name: str, runs: dict[str, dict]) -> bool:
+    """Whether a conditional seed runs: its row's seed 0 completed within DECIDING_MARGIN points
+    of the best row with RECIPE_MIN_SEEDS seeds among ``runs`` (the collected runs), or above it."""
+    first = _summary(_base(name) + "-s0")
+    if first is None or first["status"] != "completed":
+        return False
+    best = best_row(RECIPES["plain44-best"], runs)
+    return best is None or 100 * first["final_test_acc"] >= best[1] - DECIDING_MARGIN
 
 
 def _selected(name: str, only: str | None) -> bool:
@@ -275,6 +300,10 @@ def run(only: str | None) -> None:
         status = _status(name)
         if status in ("completed", "diverged"):
             print(f"{name}: {status}, skipped", flush=True)
+            continue
+        if name in CONDITIONAL_SEEDS and not _decides(name, _collected()):
+            print(f"{name}: seed 0 of its row did not complete within {DECIDING_MARGIN} points of the best, "
+                  "skipped", flush=True)
             continue
         if (RUNS / name / "checkpoint.pt").exists():
             cmd = [sys.executable, "-m", "orthomod", "train", "--resume", str(RUNS / name), "--no-progress"]

@@ -141,3 +141,18 @@ def test_only_picks_names_containing_any_of_its_parts(experiments):
     assert not experiments._selected("f-plain44-ortho-s0", "lb-,")  # an empty part picks nothing
     queue = [name for name in experiments.EXPERIMENTS if experiments._selected(name, "x4-,lb-")]
     assert queue.index("lb-plain44-tat-s0") < queue.index("x4-plain44-ortho-mod-s0")  # the queue's order
+
+
+def test_conditional_seeds_run_only_for_rows_that_decide_the_ranking(experiments, monkeypatch):
+    summaries = {"lb-plain44-srip-s0": {"status": "completed", "final_test_acc": 0.65},
+                 "lb-plain44-tat-s0": {"status": "completed", "final_test_acc": 0.60},
+                 "lb-plain44-isonet-s0": {"status": "diverged", "final_test_acc": None}}
+    monkeypatch.setattr(experiments, "_summary", summaries.get)
+    monkeypatch.setattr(experiments, "DECIDING_MARGIN", 3.0)
+    runs = _runs(e2_plain44_ortho_mod_s0=0.67, e2_plain44_ortho_mod_s1=0.66, e2_plain44_ortho_mod_s2=0.67)  # 66.67
+    assert experiments._decides("lb-plain44-srip-s1", runs)          # 65.00: within 3 points
+    assert not experiments._decides("lb-plain44-tat-s2", runs)       # 60.00: 6.67 below
+    assert not experiments._decides("lb-plain44-isonet-s1", runs)    # diverged
+    assert not experiments._decides("lb-plain44-dirac-param-s1", runs)  # seed 0 not run yet
+    assert experiments._decides("lb-plain44-tat-s1", {})              # no row with 3 seeds: every row decides
+    assert "lb-plain44-srip-s2" in experiments.CONDITIONAL_SEEDS and "lb-plain44-l2-s1" not in experiments.EXPERIMENTS
