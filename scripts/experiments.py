@@ -714,7 +714,8 @@ def main() -> None:
         figures(args.only)
     else:
         for name, flags in EXPERIMENTS.items():
-            print(f"{name:<34} {_status(name) or '-':<12} orthomod train {' '.join(flags)}")
+            status = _status(name) or ("if deciding" if name in CONDITIONAL_SEEDS else "-")
+            print(f"{name:<34} {status:<12} orthomod train {' '.join(flags)}")
 
 
 if __name__ == "__main__":
