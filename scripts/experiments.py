@@ -625,18 +625,21 @@ def _late_ratio(run: dict) -> str:
 
 def leaderboard(runs: dict[str, dict]) -> None:
     """Issue 15: one row per method at plain-44, 10 epochs: accuracy over seeds, gap to the
-    residual net, Fig. 3's moment ratio and Fig. 2's filter correlation at the end (seed 0),
-    wall time against the baseline run on the same CPU kind, and the command."""
+    residual net, the exact permutation p of the difference to the best row (rows with 2 seeds or
+    more, all completed), Fig. 3's moment ratio and Fig. 2's filter correlation at the end (seed
+    0), wall time against the baseline run on the same CPU kind, and the command."""
     rows = LEADERBOARD_ROWS
     reference = _accuracies(_seeds(LEADERBOARD_REFERENCE, runs))
     baseline = runs.get("lb-plain44-l2-s0")
-    print("| method | seeds | final test acc (%) | gap to resnet-44 (points) | q(first)/q(last) | filter corr. | "
-          "wall time / baseline | command (seed 0) |")
-    print("|---|---|---|---|---|---|---|---|")
+    best = best_row(RECIPES["plain44-best"], runs)
+    best_accs = _accuracies(_seeds(best[0], runs)) if best else []
+    print("| method | seeds | final test acc (%) | gap to resnet-44 (points) | p against the best | q(first)/q(last) | "
+          "filter corr. | wall time / baseline | command (seed 0) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for base, label in rows.items():
         seeds = _seeds(base, runs)
         if not seeds:
-            print(f"| {label} | 0 | not run | - | - | - | - | `orthomod train {' '.join(EXPERIMENTS[base + '-s0'])}` |")
+            print(f"| {label} | 0 | not run | - | - | - | - | - | `orthomod train {' '.join(EXPERIMENTS[base + '-s0'])}` |")
             continue
         accs = _accuracies(seeds)
         if accs and len(accs) == len(seeds):
@@ -649,7 +652,13 @@ def leaderboard(runs: dict[str, dict]) -> None:
         same_cpu = baseline is not None and first["summary"].get("cpu_capability") is not None and \
             first["summary"].get("cpu_capability") == baseline["summary"].get("cpu_capability")
         wall = f"{first['summary']['wall_time_s'] / baseline['summary']['wall_time_s']:.2f}" if same_cpu else "-"
-        print(f"| {label} | {len(seeds)} | {acc} | {gap} | {_late_ratio(first)} | {_cell(corr)} | {wall} | "
+        if best and base == best[0]:
+            p = "the best"
+        elif len(accs) >= 2 and len(accs) == len(seeds) and len(best_accs) >= 2:
+            p = f"{_permutation_p(accs, best_accs):.3f}"
+        else:
+            p = "-"
+        print(f"| {label} | {len(seeds)} | {acc} | {gap} | {p} | {_late_ratio(first)} | {_cell(corr)} | {wall} | "
               f"`{first['command']}` |")
 
 

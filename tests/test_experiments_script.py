@@ -156,3 +156,19 @@ def test_conditional_seeds_run_only_for_rows_that_decide_the_ranking(experiments
     assert not experiments._decides("lb-plain44-dirac-param-s1", runs)  # seed 0 not run yet
     assert experiments._decides("lb-plain44-tat-s1", {})              # no row with 3 seeds: every row decides
     assert "lb-plain44-srip-s2" in experiments.CONDITIONAL_SEEDS and "lb-plain44-l2-s1" not in experiments.EXPERIMENTS
+
+
+def test_leaderboard_gives_the_permutation_p_against_the_best_row(experiments, monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "LEADERBOARD_ROWS", {"a": "row a", "b": "row b", "c": "row c", "r": "resnet"})
+    monkeypatch.setattr(experiments, "LEADERBOARD_REFERENCE", "r")
+    monkeypatch.setattr(experiments, "RECIPES", {"plain44-best": ["a", "b", "c"]})
+    monkeypatch.setattr(experiments, "EXPERIMENTS", {"a-s0": [], "b-s0": [], "c-s0": [], "r-s0": []})
+    runs = _runs(a_s0=0.70, a_s1=0.71, a_s2=0.72, b_s0=0.60, b_s1=0.61, b_s2=0.62, c_s0=0.65, r_s0=0.80, r_s1=0.81)
+    for run in runs.values():
+        run.update(probes=[], probe=None, command="orthomod train")
+        run["summary"]["wall_time_s"] = 1.0
+    experiments.leaderboard(runs)
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[4] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| row") or line.startswith("| resnet")}
+    # b is fully below a, 3 against 3: 2 of the 20 splits are as extreme; c has one seed; r is 2 against 3: 1 of 10
+    assert cells == {"row a": "the best", "row b": "0.100", "row c": "-", "resnet": "0.100"}
