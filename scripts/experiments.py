@@ -222,25 +222,49 @@ PLAIN110_ROWS = {"e2-plain110-ortho": "none",
                  "e4-plain110-ortho-mod-always": "every layer (tau 1), always",
                  "e2-plain110-l2": "reference: msra + L2, no modulation"}
 
-# Issue 15, item 2: accuracy against depth, each depth at its budget, for the baseline and the best
-# two methods measured (until a screening row of the leaderboard overtakes them: the paper's two),
-# against the residual net of the same depth. Experiment 2's runs.
+# Issue 15, items 2 and 3: the runs of each method at each depth (the baseline's and the paper's
+# from experiments 1, 2 and 4; a screening method's `dp-` runs, queued below), by method key
+PAPER_METHODS = {"ortho": ("the paper: orthonormal init + orthonormality", ORTHO),
+                 "ortho-mod": ("the paper: orthonormality + modulation (tau 1)", [*ORTHO, *mod(1.0, "always")])}
 DEPTH_BUDGETS = {20: "10 epochs", 44: "10 epochs", 110: "4 epochs"}
-DEPTH_SWEEP = {
-    "msra + L2": {20: "e2-plain20-l2", 44: "e1-plain44-l2", 110: "e2-plain110-l2"},
-    "ortho init + reg": {20: "e2-plain20-ortho", 44: "e1-plain44-ortho", 110: "e2-plain110-ortho"},
-    "ortho + modulation (tau 1)": {20: "e2-plain20-ortho-mod", 44: "e2-plain44-ortho-mod",
-                                   110: "e4-plain110-ortho-mod-always"},
-    "residual, msra + L2": {20: "e2-resnet20-l2", 44: "e2-resnet44-l2", 110: "e2-resnet110-l2"},
-}
+DEPTH_RUNS = {"l2": {20: "e2-plain20-l2", 44: "e1-plain44-l2", 110: "e2-plain110-l2"},
+              "ortho": {20: "e2-plain20-ortho", 44: "e1-plain44-ortho", 110: "e2-plain110-ortho"},
+              "ortho-mod": {20: "e2-plain20-ortho-mod", 44: "e2-plain44-ortho-mod", 110: "e4-plain110-ortho-mod-always"},
+              **{key: {20: f"dp-plain20-{key}", 44: f"lb-plain44-{key}", 110: f"dp-plain110-{key}"}
+                 for key in LEADERBOARD_METHODS if key != "l2"}}
+RESNET_DEPTH_RUNS = {20: "e2-resnet20-l2", 44: "e2-resnet44-l2", 110: "e2-resnet110-l2"}
+ROW_METHOD = {"e1-plain44-l2": "l2", "e1-plain44-ortho": "ortho", "e2-plain44-ortho-mod": "ortho-mod",
+              **{f"lb-plain44-{key}": key for key in LEADERBOARD_METHODS}}  # plain-44 row -> method key
+METHOD_LABELS = {**{key: label for key, (label, _) in {**PAPER_METHODS, **LEADERBOARD_METHODS}.items()},
+                 "l2": "msra + L2"}
+METHOD_FLAGS = {key: flags for key, (_, flags) in {**PAPER_METHODS, **LEADERBOARD_METHODS}.items()}
 
-# Issue 15, item 3: the best plain-44 method against resnet-44 at 4x the leaderboard's budget (40
-# epochs), two seeds; the best measured is the paper's method with modulation (leaderboard). Seed by
-# seed, so that the first comparison is complete after two runs.
+# Runs the queue starts only if the ranking calls for them when it reaches them: name -> the test,
+# given the runs known then (`_queue_runs`). `run` skips the others; `list` marks them.
+CONDITIONS: dict = {}
+
+# Item 2: the depth runs of a screening method that is one of the best two (two seeds each)
+for _key in LEADERBOARD_METHODS:
+    if _key == "l2":
+        continue
+    for _depth, _epochs in ((20, "10"), (110, "4")):
+        for _seed in ("0", "1"):
+            _name = f"dp-plain{_depth}-{_key}-s{_seed}"
+            EXPERIMENTS[_name] = [*C10, "--model", f"plain{_depth}", "--epochs", _epochs, "--seed", _seed,
+                                  *METHOD_FLAGS[_key]]
+            CONDITIONS[_name] = lambda runs, key=_key: key in top_methods(runs)
+
+# Item 3: the best plain-44 method and the paper's against resnet-44 at 4x the leaderboard's budget
+# (40 epochs), two seeds, seed by seed so that a comparison is complete early. The paper's method
+# always runs; a screening method only if it is the best.
 for _seed in ("0", "1"):
     EXPERIMENTS[f"x4-plain44-ortho-mod-s{_seed}"] = [*C10, "--model", "plain44", "--epochs", "40", "--seed", _seed,
-                                                     *ORTHO, *mod(1.0, "always")]
+                                                     *METHOD_FLAGS["ortho-mod"]]
     EXPERIMENTS[f"x4-resnet44-l2-s{_seed}"] = [*C10, "--model", "resnet44", "--epochs", "40", "--seed", _seed, *L2]
+    for _key in [k for k in METHOD_FLAGS if k != "ortho-mod" and k != "l2"]:
+        _name = f"x4-plain44-{_key}-s{_seed}"
+        EXPERIMENTS[_name] = [*C10, "--model", "plain44", "--epochs", "40", "--seed", _seed, *METHOD_FLAGS[_key]]
+        CONDITIONS[_name] = lambda runs, key=_key: top_methods(runs, 1) == [key]
 
 # Presets whose comments quote committed runs: the runs they quote (issue 12's depth demo);
 # tests/test_experiments_script.py holds each preset's method and budget to those runs
@@ -277,9 +301,14 @@ def _summary(name: str) -> dict | None:
     return None
 
 
+def _queue_runs() -> dict[str, dict]:
+    """Every experiment with a summary, here or collected: what the queue's decisions read."""
+    return {name: {"summary": summary} for name in EXPERIMENTS if (summary := _summary(name)) is not None}
+
+
 def _decides(name: str, runs: dict[str, dict]) -> bool:
     """Whether a conditional seed runs: its row's seed 0 completed within DECIDING_MARGIN points
-    of the best row with RECIPE_MIN_SEEDS seeds among ``runs`` (the collected runs), or above it."""
+    of the best row with RECIPE_MIN_SEEDS seeds among ``runs``, or above it."""
     first = _summary(_base(name) + "-s0")
     if first is None or first["status"] != "completed":
         return False
@@ -287,9 +316,16 @@ def _decides(name: str, runs: dict[str, dict]) -> bool:
     return best is None or 100 * first["final_test_acc"] >= best[1] - DECIDING_MARGIN
 
 
+def _runs_now(name: str) -> bool:
+    """Whether the queue starts ``name`` now: unconditional, or its condition holds."""
+    if name in CONDITIONAL_SEEDS:
+        return _decides(name, _queue_runs())
+    return name not in CONDITIONS or CONDITIONS[name](_queue_runs())
+
+
 def _selected(name: str, only: str | None) -> bool:
     """Whether ``--only`` picks the experiment: no filter, or a name containing one of its
-    comma-separated substrings (``lb-,x4-``: both groups, in the queue's order)."""
+    comma-separated substrings (``lb-,dp-,x4-``: those groups, in the queue's order)."""
     return not only or any(part and part in name for part in only.split(","))
 
 
@@ -301,9 +337,10 @@ def run(only: str | None) -> None:
         if status in ("completed", "diverged"):
             print(f"{name}: {status}, skipped", flush=True)
             continue
-        if name in CONDITIONAL_SEEDS and not _decides(name, _collected()):
-            print(f"{name}: seed 0 of its row did not complete within {DECIDING_MARGIN} points of the best, "
-                  "skipped", flush=True)
+        if not _runs_now(name):
+            why = (f"seed 0 of its row did not complete within {DECIDING_MARGIN} points of the best"
+                   if name in CONDITIONAL_SEEDS else "its method is not among those the ranking picks")
+            print(f"{name}: {why}, skipped", flush=True)
             continue
         if (RUNS / name / "checkpoint.pt").exists():
             cmd = [sys.executable, "-m", "orthomod", "train", "--resume", str(RUNS / name), "--no-progress"]
@@ -529,18 +566,19 @@ def _mean_over_seeds(base: str, runs: dict[str, dict]) -> str:
 
 def _depth_table(runs: dict[str, dict]) -> None:
     """Experiment 2: final test accuracy (%) by depth and method, the mean where there are several seeds."""
-    print("| depth (budget) | " + " | ".join(DEPTH_SWEEP) + " |")
-    print("|---" * (len(DEPTH_SWEEP) + 1) + "|")
+    sweep = depth_sweep(runs)
+    print("| depth (budget) | " + " | ".join(sweep) + " |")
+    print("|---" * (len(sweep) + 1) + "|")
     for depth, budget in DEPTH_BUDGETS.items():
-        cells = (_mean_over_seeds(bases[depth], runs) for bases in DEPTH_SWEEP.values())
+        cells = (_mean_over_seeds(bases[depth], runs) for bases in sweep.values())
         print(f"| plain-{depth} ({budget}) | " + " | ".join(cells) + " |")
 
 
 def _depth_points(runs: dict[str, dict]) -> dict[str, list[tuple]]:
-    """Per method of DEPTH_SWEEP: (depth, mean, lowest, highest final test accuracy in %, seeds
-    completed, seeds diverged) for each depth with a run; mean and range None where none completed."""
+    """Per line of :func:`depth_sweep`: (depth, mean, lowest, highest final test accuracy in %,
+    seeds completed, seeds diverged) for each depth with a run; mean and range None where none completed."""
     points = {}
-    for method, bases in DEPTH_SWEEP.items():
+    for method, bases in depth_sweep(runs).items():
         points[method] = []
         for depth, base in bases.items():
             seeds = _seeds(base, runs)
@@ -589,19 +627,37 @@ def depth_figure(runs: dict[str, dict], out: Path) -> Path:
     return path
 
 
-def best_row(bases: list[str], runs: dict[str, dict]) -> tuple[str, float, int] | None:
-    """The base with the best mean final test accuracy among ``bases`` run with at least
-    RECIPE_MIN_SEEDS seeds, every one completed: (base, mean in %, seeds), or None."""
+def ranking(bases: list[str], runs: dict[str, dict]) -> list[tuple[str, float, int]]:
+    """``(base, mean final test accuracy in %, seeds)`` of the ``bases`` run with at least
+    RECIPE_MIN_SEEDS seeds, every one completed, best first."""
     scored = []
     for base in bases:
         seeds = _seeds(base, runs)
         accs = _accuracies(seeds)
         if len(seeds) >= RECIPE_MIN_SEEDS and len(accs) == len(seeds):
-            scored.append((100 * fmean(accs), base, len(seeds)))
-    if not scored:
-        return None
-    mean, base, n = max(scored)
-    return base, mean, n
+            scored.append((base, 100 * fmean(accs), len(seeds)))
+    return sorted(scored, key=lambda row: -row[1])
+
+
+def best_row(bases: list[str], runs: dict[str, dict]) -> tuple[str, float, int] | None:
+    """The first of :func:`ranking`, or None."""
+    ranked = ranking(bases, runs)
+    return ranked[0] if ranked else None
+
+
+def top_methods(runs: dict[str, dict], n: int = 2) -> list[str]:
+    """The keys of the ``n`` best plain-44 methods (the baseline aside) by :func:`ranking`."""
+    keys = [ROW_METHOD[base] for base, _, _ in ranking(RECIPES["plain44-best"], runs)]
+    return [key for key in keys if key != "l2"][:n]
+
+
+def depth_sweep(runs: dict[str, dict]) -> dict[str, dict[int, str]]:
+    """Item 2's lines, label -> {depth: base}: the baseline, the best two methods (in the order of
+    DEPTH_RUNS, the paper's first, so that the table keeps its columns), the residual net."""
+    top = top_methods(runs)
+    return {METHOD_LABELS["l2"]: DEPTH_RUNS["l2"], **{METHOD_LABELS[key]: DEPTH_RUNS[key] for key in DEPTH_RUNS
+                                                      if key in top},
+            "residual, msra + L2": RESNET_DEPTH_RUNS}
 
 
 def _recipes_table(runs: dict[str, dict]) -> None:
@@ -696,6 +752,7 @@ def figures(only: str | None = None) -> None:
                                                                                   if n.startswith("lb-")],
         "full-protocol": [n for n in EXPERIMENTS if n.startswith("f-")],
         "x4-plain44": [n for n in EXPERIMENTS if n.startswith("x4-")],
+        "depth-sweep-screening": [n for n in EXPERIMENTS if n.startswith("dp-")],
     }
     if not only or only in "depth-sweep":
         print("wrote", depth_figure(_collected(), ROOT / "docs" / "results" / "depth-sweep"))
@@ -723,7 +780,8 @@ def main() -> None:
         figures(args.only)
     else:
         for name, flags in EXPERIMENTS.items():
-            status = _status(name) or ("if deciding" if name in CONDITIONAL_SEEDS else "-")
+            status = _status(name) or ("if deciding" if name in CONDITIONAL_SEEDS else
+                                       "if chosen" if name in CONDITIONS else "-")
             print(f"{name:<34} {status:<12} orthomod train {' '.join(flags)}")
 
 

@@ -73,7 +73,7 @@ def _runs(**results):
 
 
 def test_depth_points_give_mean_and_range_and_count_diverged_seeds(experiments, monkeypatch, tmp_path):
-    monkeypatch.setattr(experiments, "DEPTH_SWEEP", {"m": {20: "a", 44: "b", 110: "c"}})
+    monkeypatch.setattr(experiments, "depth_sweep", lambda runs: {"m": {20: "a", 44: "b", 110: "c"}})
     runs = _runs(a_s0=0.50, a_s1=0.70, a_s2=0.60, b_s0=0.40, b_s1="diverged", c_s0="diverged", c_s1="diverged")
     points = experiments._depth_points(runs)["m"]
     assert points[0] == (20, pytest.approx(60.0), pytest.approx(50.0), pytest.approx(70.0), 3, 0)
@@ -172,3 +172,33 @@ def test_leaderboard_gives_the_permutation_p_against_the_best_row(experiments, m
              if line.startswith("| row") or line.startswith("| resnet")}
     # b is fully below a, 3 against 3: 2 of the 20 splits are as extreme; c has one seed; r is 2 against 3: 1 of 10
     assert cells == {"row a": "the best", "row b": "0.100", "row c": "-", "resnet": "0.100"}
+
+
+def test_the_queue_follows_the_ranking_for_depth_and_longer_runs(experiments, monkeypatch):
+    three = dict(s0=0.70, s1=0.70, s2=0.70)
+
+    def rows(**means):  # base -> a mean over three completed seeds
+        return _runs(**{f"{base}_{seed}": mean for base, mean in means.items() for seed in three})
+
+    runs = rows(e2_plain44_ortho_mod=0.667, e1_plain44_ortho=0.618, e1_plain44_l2=0.90)  # l2 is never a method pick
+    assert experiments.top_methods(runs) == ["ortho-mod", "ortho"]
+    sweep = experiments.depth_sweep(runs)
+    assert list(sweep) == ["msra + L2", "the paper: orthonormal init + orthonormality",
+                           "the paper: orthonormality + modulation (tau 1)", "residual, msra + L2"]
+    assert sweep["the paper: orthonormality + modulation (tau 1)"][110] == "e4-plain110-ortho-mod-always"
+    conditions = experiments.CONDITIONS
+    assert not conditions["dp-plain110-srip-s0"](runs) and not conditions["x4-plain44-srip-s0"](runs)
+    # SRIP measured with three seeds above the paper's method: its depth runs and its 4x-budget runs are due
+    runs = {**runs, **rows(lb_plain44_srip=0.70)}
+    assert experiments.top_methods(runs) == ["srip", "ortho-mod"]
+    assert conditions["dp-plain20-srip-s1"](runs) and conditions["x4-plain44-srip-s1"](runs)
+    assert not conditions["dp-plain20-tat-s0"](runs) and not conditions["x4-plain44-ortho-s0"](runs)
+    assert experiments.depth_sweep(runs)["orthonormal init + SRIP"] == {20: "dp-plain20-srip", 44: "lb-plain44-srip",
+                                                                        110: "dp-plain110-srip"}
+    # the paper's method runs at 4x the budget whatever the ranking; so does the residual net
+    assert "x4-plain44-ortho-mod-s0" not in conditions and "x4-resnet44-l2-s1" not in conditions
+    queue = list(experiments.EXPERIMENTS)
+    assert queue.index("lb-plain44-tat-s2") < queue.index("dp-plain20-delta-ortho-mod-s0") < \
+        queue.index("x4-plain44-ortho-mod-s0")
+    flags = experiments.EXPERIMENTS["dp-plain110-srip-s1"]
+    assert flags[flags.index("--model") + 1] == "plain110" and flags[flags.index("--epochs") + 1] == "4"
