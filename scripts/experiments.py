@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 from itertools import combinations
-from statistics import fmean, stdev
+from statistics import fmean, median, stdev
 from pathlib import Path
 
 from orthomod.cli import EXIT_DIVERGED
@@ -379,9 +379,16 @@ def _collected() -> dict[str, dict]:
             if (folder / "diagnostics.jsonl").exists():
                 probes = [p for p in map(json.loads, (folder / "diagnostics.jsonl").read_text().splitlines())
                           if p.get("kind") == "diagnostics"]
+            speeds = []
+            if (folder / "metrics.jsonl").exists():
+                speeds = [m["images_per_s"] for m in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+                          if m.get("kind") == "train" and m.get("images_per_s")]
             runs[name] = {"summary": json.loads((folder / "summary.json").read_text()),
                           "probes": probes, "probe": probes[-1] if probes else None,
-                          "command": (folder / "command.txt").read_text().strip()}
+                          "command": (folder / "command.txt").read_text().strip(),
+                          # the median over logging windows: a window stalled by a pause of the queue
+                          # (SIGSTOP while benchmarks or the test suite run) does not move it
+                          "images_per_s": median(speeds) if speeds else None}
     return runs
 
 
@@ -683,14 +690,15 @@ def leaderboard(runs: dict[str, dict]) -> None:
     """Issue 15: one row per method at plain-44, 10 epochs: accuracy over seeds, gap to the
     residual net, the exact permutation p of the difference to the best row (rows with 2 seeds or
     more, all completed), Fig. 3's moment ratio and Fig. 2's filter correlation at the end (seed
-    0), wall time against the baseline run on the same CPU kind, and the command."""
+    0), the time per training step against the baseline run on the same CPU kind (medians over
+    logging windows, so that pauses of the queue do not count), and the command."""
     rows = LEADERBOARD_ROWS
     reference = _accuracies(_seeds(LEADERBOARD_REFERENCE, runs))
     baseline = runs.get("lb-plain44-l2-s0")
     best = best_row(RECIPES["plain44-best"], runs)
     best_accs = _accuracies(_seeds(best[0], runs)) if best else []
     print("| method | seeds | final test acc (%) | gap to resnet-44 (points) | p against the best | q(first)/q(last) | "
-          "filter corr. | wall time / baseline | command (seed 0) |")
+          "filter corr. | time per step / baseline | command (seed 0) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for base, label in rows.items():
         seeds = _seeds(base, runs)
@@ -707,7 +715,8 @@ def leaderboard(runs: dict[str, dict]) -> None:
         corr = first["probe"]["filter_correlation_mean"] if first["probe"] else None
         same_cpu = baseline is not None and first["summary"].get("cpu_capability") is not None and \
             first["summary"].get("cpu_capability") == baseline["summary"].get("cpu_capability")
-        wall = f"{first['summary']['wall_time_s'] / baseline['summary']['wall_time_s']:.2f}" if same_cpu else "-"
+        speeds = (first.get("images_per_s"), baseline.get("images_per_s")) if same_cpu else (None, None)
+        wall = f"{speeds[1] / speeds[0]:.2f}" if all(speeds) else "-"
         if best and base == best[0]:
             p = "the best"
         elif len(accs) >= 2 and len(accs) == len(seeds) and len(best_accs) >= 2:
