@@ -37,6 +37,11 @@ L2 = ["--init", "msra", "--reg", "l2"]
 ORTHO = ["--init", "orthonormal", "--reg", "ortho"]
 
 
+def c10(model: str, epochs: str, seed: str, flags: list[str]) -> list[str]:
+    """A CIFAR-10 run of ``model`` for ``epochs`` with ``seed`` and a method's ``flags``."""
+    return [*C10, "--model", model, "--epochs", epochs, "--seed", seed, *flags]
+
+
 def mod(tau: float, until: int | str, rule: str = "consecutive") -> list[str]:
     return ["--modulation", "on", "--modulation-tau", str(tau), "--modulation-until", str(until),
             "--modulation-rule", rule]
@@ -191,14 +196,13 @@ LEADERBOARD_METHODS: dict[str, tuple[str, list[str]]] = {
     "tat": ("TAT: transformed leaky ReLU + SUO-delta init, no BN, L2",
             ["--activation", "tat", "--norm", "none", "--init", "suo-delta", "--reg", "l2"]),
 }
-EXPERIMENTS.update({f"lb-plain44-{key}-s0": [*C10, "--model", "plain44", "--epochs", "10", "--seed", "0", *flags]
+EXPERIMENTS.update({f"lb-plain44-{key}-s0": c10("plain44", "10", "0", flags)
                     for key, (_, flags) in LEADERBOARD_METHODS.items()})
 # Seeds 1 and 2 of a screening row, run only where it decides the ranking (checked by `run` when the
 # queue reaches them, after every seed 0): its seed 0 completed no more than DECIDING_MARGIN points
 # below the best row with RECIPE_MIN_SEEDS seeds, or above it. The baseline rerun needs none.
 DECIDING_MARGIN = 3.0
-CONDITIONAL_SEEDS = {f"lb-plain44-{key}-s{seed}": [*C10, "--model", "plain44", "--epochs", "10", "--seed", str(seed),
-                                                   *flags]
+CONDITIONAL_SEEDS = {f"lb-plain44-{key}-s{seed}": c10("plain44", "10", str(seed), flags)
                      for key, (_, flags) in LEADERBOARD_METHODS.items() if key != "l2" for seed in (1, 2)}
 EXPERIMENTS.update(CONDITIONAL_SEEDS)
 
@@ -250,20 +254,18 @@ for _key in LEADERBOARD_METHODS:
     for _depth, _epochs in ((20, "10"), (110, "4")):
         for _seed in ("0", "1"):
             _name = f"dp-plain{_depth}-{_key}-s{_seed}"
-            EXPERIMENTS[_name] = [*C10, "--model", f"plain{_depth}", "--epochs", _epochs, "--seed", _seed,
-                                  *METHOD_FLAGS[_key]]
+            EXPERIMENTS[_name] = c10(f"plain{_depth}", _epochs, _seed, METHOD_FLAGS[_key])
             CONDITIONS[_name] = lambda runs, key=_key: key in top_methods(runs)
 
 # Item 3: the best plain-44 method and the paper's against resnet-44 at 4x the leaderboard's budget
 # (40 epochs), two seeds, seed by seed so that a comparison is complete early. The paper's method
 # always runs; a screening method only if it is the best.
 for _seed in ("0", "1"):
-    EXPERIMENTS[f"x4-plain44-ortho-mod-s{_seed}"] = [*C10, "--model", "plain44", "--epochs", "40", "--seed", _seed,
-                                                     *METHOD_FLAGS["ortho-mod"]]
-    EXPERIMENTS[f"x4-resnet44-l2-s{_seed}"] = [*C10, "--model", "resnet44", "--epochs", "40", "--seed", _seed, *L2]
+    EXPERIMENTS[f"x4-plain44-ortho-mod-s{_seed}"] = c10("plain44", "40", _seed, METHOD_FLAGS["ortho-mod"])
+    EXPERIMENTS[f"x4-resnet44-l2-s{_seed}"] = c10("resnet44", "40", _seed, L2)
     for _key in [k for k in METHOD_FLAGS if k != "ortho-mod" and k != "l2"]:
         _name = f"x4-plain44-{_key}-s{_seed}"
-        EXPERIMENTS[_name] = [*C10, "--model", "plain44", "--epochs", "40", "--seed", _seed, *METHOD_FLAGS[_key]]
+        EXPERIMENTS[_name] = c10("plain44", "40", _seed, METHOD_FLAGS[_key])
         CONDITIONS[_name] = lambda runs, key=_key: top_methods(runs, 1) == [key]
 
 # Presets whose comments quote committed runs: the runs they quote (issue 12's depth demo);
