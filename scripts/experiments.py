@@ -244,8 +244,9 @@ METHOD_LABELS = {**{key: label for key, (label, _) in {**PAPER_METHODS, **LEADER
 METHOD_FLAGS = {key: flags for key, (_, flags) in {**PAPER_METHODS, **LEADERBOARD_METHODS}.items()}
 
 # Runs the queue starts only if the ranking calls for them when it reaches them: name -> the test,
-# given the runs known then (`_queue_runs`). `run` skips the others; `list` marks them.
-CONDITIONS: dict = {}
+# given the runs known then (`_queue_runs`): the conditional seeds above, the depth and 4x-budget
+# runs below. `run` skips the others; `list` marks them.
+CONDITIONS: dict = {name: lambda runs, name=name: _decides(name, runs) for name in CONDITIONAL_SEEDS}
 
 # Item 2: the depth runs of a screening method that is one of the best two (two seeds each)
 for _key in LEADERBOARD_METHODS:
@@ -320,8 +321,6 @@ def _decides(name: str, runs: dict[str, dict]) -> bool:
 
 def _runs_now(name: str) -> bool:
     """Whether the queue starts ``name`` now: unconditional, or its condition holds."""
-    if name in CONDITIONAL_SEEDS:
-        return _decides(name, _queue_runs())
     return name not in CONDITIONS or CONDITIONS[name](_queue_runs())
 
 
