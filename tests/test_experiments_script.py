@@ -93,8 +93,8 @@ def test_best_row_needs_enough_seeds_all_completed(experiments, monkeypatch):
 
 
 # what a recipe is made of: every setting of the method, none of the budget, run or machine
-METHOD_KEYS = ("model", "optimizer", "learning_rate", "momentum", "init", "reg", "reg_coeff", "activation", "norm",
-               "parametrization", "modulation", "modulation_tau", "modulation_until", "modulation_rule",
+METHOD_KEYS = ("model", "optimizer", "learning_rate", "momentum", "init", "reg", "reg_coeff", "l2_beside",
+               "activation", "norm", "parametrization", "modulation", "modulation_tau", "modulation_until", "modulation_rule",
                "augment", "normalize", "batch_size", "schedule", "milestones", "lr_decay", "warmup_steps")
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from orthomod.config import OPTIMIZERS, TrainConfig
+from orthomod.config import OPTIMIZERS, ConfigError, TrainConfig
 from orthomod.files import load_checkpoint
 from orthomod.train import RunError, Trainer, lr_factor
 
@@ -67,6 +67,18 @@ def test_ortho_reg_gives_no_weight_decay_and_l2_only_on_weights(tmp_path):
     assert all(p.dim() >= 2 for p in l2.param_groups[0]["params"])
     ortho = build_optimizer(TrainConfig(iterations=1, reg="ortho"), model)
     assert [g["weight_decay"] for g in ortho.param_groups] == [0.0, 0.0]
+    # ISONet's recipe: weight decay beside the regularizer, on the weights only
+    beside = build_optimizer(TrainConfig(iterations=1, reg="conv-ortho", l2_beside=3e-4).validate(), model)
+    assert [g["weight_decay"] for g in beside.param_groups] == [3e-4, 0.0]
+    assert beside.param_groups[0]["params"] == l2.param_groups[0]["params"]
+
+
+@pytest.mark.parametrize("reg", ["l2", "none"])
+def test_l2_beside_needs_an_orthogonality_regularizer(reg):
+    with pytest.raises(ConfigError, match=f"l2_beside adds weight decay beside .* with reg {reg} use --reg l2"):
+        TrainConfig(iterations=1, reg=reg, l2_beside=1e-4).validate()
+    with pytest.raises(ConfigError, match="l2_beside must be >= 0, got -0.1"):
+        TrainConfig(iterations=1, reg="ortho", l2_beside=-0.1).validate()
 
 
 def test_divergence_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path):

@@ -80,6 +80,8 @@ class TrainConfig:
     reg: str = _opt("l2", "l2 (weight decay), ortho (the paper's orthonormality), srip, conv-ortho or none")
     reg_coeff: float | None = _opt(None, "weight decay / lambda (default per reg: l2, ortho 1e-4; srip 1e-2; "
                                          "conv-ortho 0.1)")
+    l2_beside: float = _opt(0.0, "L2 weight decay on conv/linear weights beside an orthogonality reg (ortho, "
+                                 "srip, conv-ortho); ISONet keeps 1e-4 beside its penalty (0: the reg replaces it)")
     decay_bn_bias: bool = _opt(False, "also L2-decay BN parameters and biases (off: docs/METHOD-NOTES.md)")
     activation: str = _opt("relu", "relu, srelu (ISONet) or tat (needs orthomod[tat] and norm none); plain nets")
     norm: str = _opt("bn", "bn or none (without BN the convs get a bias); plain nets")
@@ -140,6 +142,9 @@ class TrainConfig:
                               "from a, b and W; DiracNets train W with weight decay: use --reg l2 (or none)")
         if self.reg_coeff is None:
             self.reg_coeff = DEFAULT_COEFF.get(self.reg, 1e-4)
+        if self.l2_beside and self.reg not in REGULARIZERS:
+            raise ConfigError(f"l2_beside adds weight decay beside an orthogonality regularizer ({', '.join(REGULARIZERS)}); "
+                              f"with reg {self.reg} use --reg l2 --reg-coeff for weight decay")
         if (self.epochs is None) == (self.iterations is None):
             raise ConfigError("give exactly one of epochs or iterations (--epochs N or --iterations N)")
         positive = {"batch_size": self.batch_size, "log_every": self.log_every, "eval_batch_size": self.eval_batch_size,
@@ -149,7 +154,7 @@ class TrainConfig:
         for key, value in positive.items():
             if value is not None and not value > 0:
                 raise ConfigError(f"{key} must be > 0, got {value}")
-        nonnegative = {"reg_coeff": self.reg_coeff, "momentum": self.momentum,
+        nonnegative = {"reg_coeff": self.reg_coeff, "l2_beside": self.l2_beside, "momentum": self.momentum,
                        "warmup_steps": self.warmup_steps, "modulation_until": self.modulation_until,
                        "diagnostics_every": self.diagnostics_every, "workers": self.workers}
         for key, value in nonnegative.items():

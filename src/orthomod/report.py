@@ -227,7 +227,8 @@ def table_rows(runs: list[Run]) -> list[list[str]]:
         lr = c.get("lr") if c.get("lr") is not None else (s.get("settings", {}).get("lr"))
         loss = s.get("final_train_loss")
         rows.append([
-            run.label, c["model"], c["init"], c["reg"] + (f" {c['reg_coeff']:g}" if c["reg"] != "none" else ""),
+            run.label, c["model"], c["init"], c["reg"] + (f" {c['reg_coeff']:g}" if c["reg"] != "none" else "")
+            + (f" + l2 {c['l2_beside']:g}" if c.get("l2_beside") else ""),
             modulation, c["optimizer"], "-" if lr is None else f"{lr:g}", str(c["seed"]),
             f"{s.get('step', '-')}/{s.get('total_steps', '-')}", run.status,
             _percent(s.get("final_test_acc")), _percent(s.get("best_test_acc")),

@@ -67,11 +67,12 @@ def build_model(config: TrainConfig, num_classes: int | None, init: str | None =
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The config's optimizer; L2 decay only on conv/linear weights unless ``decay_bn_bias``.
 
-    With ``reg`` one of the orthogonality regularizers the optimizer gets no weight decay at all:
-    the regularizer's gradient takes its place (docs/METHOD-NOTES.md, Orthonormality regularizer).
+    With ``reg`` one of the orthogonality regularizers the regularizer's gradient takes the place of
+    weight decay (docs/METHOD-NOTES.md, Orthonormality regularizer), unless ``l2_beside`` asks for
+    both (ISONet's recipe).
     """
     weights, others = split_decay_parameters(model)
-    l2 = config.reg_coeff if config.reg == "l2" else 0.0
+    l2 = config.reg_coeff if config.reg == "l2" else config.l2_beside
     groups = [{"params": weights, "weight_decay": l2},
               {"params": others, "weight_decay": l2 if config.decay_bn_bias else 0.0}]
     lr = config.learning_rate
@@ -365,9 +366,10 @@ class Trainer:
             "final_train_acc": self.last_train["train_acc"] if self.last_train else None,
             "wall_time_s": round(self._wall_time(), 1),
             "diverged": status == "diverged",
-            "settings": {k: getattr(cfg, k) for k in ("model", "dataset", "init", "reg", "reg_coeff", "modulation",
-                                                      "modulation_tau", "modulation_until", "modulation_rule",
-                                                      "optimizer", "batch_size", "seed")} | {"lr": cfg.learning_rate},
+            "settings": {k: getattr(cfg, k) for k in ("model", "dataset", "init", "reg", "reg_coeff", "l2_beside",
+                                                      "modulation", "modulation_tau", "modulation_until",
+                                                      "modulation_rule", "optimizer", "batch_size", "seed")}
+                        | {"lr": cfg.learning_rate},
             "device": str(self.device), "precision": self.precision.name, "precision_reason": self.precision.reason,
             "channels_last": cfg.channels_last, "torch": torch.__version__, "machine": platform.machine(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
