@@ -79,7 +79,7 @@ class TrainConfig:
     init: str = _opt("msra", "msra, orthonormal, delta-orthogonal, dirac, suo-delta (TAT's) or default")
     reg: str = _opt("l2", "l2 (weight decay), ortho (the paper's orthonormality), srip, conv-ortho or none")
     reg_coeff: float | None = _opt(None, "weight decay / lambda (default per reg: l2, ortho 1e-4; srip 1e-2; "
-                                         "conv-ortho 0.1)")
+                                         "conv-ortho 1e-4)")
     l2_beside: float = _opt(0.0, "L2 weight decay on conv/linear weights beside an orthogonality reg (ortho, "
                                  "srip, conv-ortho); ISONet keeps 1e-4 beside its penalty (0: the reg replaces it)")
     decay_bn_bias: bool = _opt(False, "also L2-decay BN parameters and biases (off: docs/METHOD-NOTES.md)")
