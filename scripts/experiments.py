@@ -42,6 +42,14 @@ def c10(model: str, epochs: str, seed: str, flags: list[str]) -> list[str]:
     return [*C10, "--model", model, "--epochs", epochs, "--seed", seed, *flags]
 
 
+def setting(flags: list[str], flag: str, value: str) -> list[str]:
+    """``flags`` with ``flag`` set to ``value`` (its value replaced where it is given)."""
+    if flag not in flags:
+        return [*flags, flag, value]
+    at = flags.index(flag)
+    return [*flags[:at + 1], value, *flags[at + 2:]]
+
+
 def mod(tau: float, until: int | str, rule: str = "consecutive") -> list[str]:
     return ["--modulation", "on", "--modulation-tau", str(tau), "--modulation-until", str(until),
             "--modulation-rule", rule]
@@ -202,6 +210,18 @@ LEADERBOARD_METHODS: dict[str, tuple[str, list[str]]] = {
     "tat": ("TAT: transformed leaky ReLU + SUO-delta init, no BN, L2, lr 0.01",
             ["--activation", "tat", "--norm", "none", "--init", "suo-delta", "--reg", "l2", "--lr", "0.01"]),
 }
+# 150-iteration probes of the rows not yet run when the queue was set (2026-11-26), at the row's
+# setting and at the ones it replaced (RESULTS.md, Leaderboard: why conv-orthogonality takes 1e-4
+# and the rows without BN lr 0.01)
+PROBE_VARIANTS = {"l2": {"": None}, "dirac-param": {"": None}, "srip": {"": None},
+                  "conv-ortho": {"-coeff0.1": ("--reg-coeff", "0.1"), "": None},
+                  "isonet": {"-lr0.1": ("--lr", "0.1"), "-lr0.03": ("--lr", "0.03"), "": None},
+                  "tat": {"-lr0.1": ("--lr", "0.1"), "-lr0.03": ("--lr", "0.03"), "": None}}
+PROBES = {f"lb-probe-{key}{suffix}-s0": [*C10, "--model", "plain44", "--iterations", "150", "--seed", "0",
+                                         *(setting(flags, *change) if change else flags)]
+          for key, variants in PROBE_VARIANTS.items() for suffix, change in variants.items()
+          for flags in [LEADERBOARD_METHODS[key][1]]}
+EXPERIMENTS.update(PROBES)
 EXPERIMENTS.update({f"lb-plain44-{key}-s0": c10("plain44", "10", "0", flags)
                     for key, (_, flags) in LEADERBOARD_METHODS.items()})
 # Seeds 1 and 2 of a screening row, run only where it decides the ranking (checked by `run` when the

@@ -143,6 +143,16 @@ def test_only_picks_names_containing_any_of_its_parts(experiments):
     assert queue.index("lb-plain44-tat-s0") < queue.index("x4-plain44-ortho-mod-s0")  # the queue's order
 
 
+def test_setting_replaces_a_flags_value_or_adds_the_flag(experiments):
+    flags = ["--reg", "l2", "--lr", "0.01", "--norm", "none"]
+    assert experiments.setting(flags, "--lr", "0.1") == ["--reg", "l2", "--lr", "0.1", "--norm", "none"]
+    assert experiments.setting(flags, "--seed", "3") == [*flags, "--seed", "3"]
+    assert flags == ["--reg", "l2", "--lr", "0.01", "--norm", "none"]  # a new list
+    # a probe's command differs from its row's only in the setting it names and the budget
+    row, probe = experiments.EXPERIMENTS["lb-plain44-tat-s0"], experiments.EXPERIMENTS["lb-probe-tat-lr0.1-s0"]
+    assert [a for a in probe if a not in row] == ["--iterations", "150", "0.1"]
+
+
 def test_conditional_seeds_run_only_for_rows_that_decide_the_ranking(experiments, monkeypatch):
     summaries = {"lb-plain44-srip-s0": {"status": "completed", "final_test_acc": 0.65},
                  "lb-plain44-tat-s0": {"status": "completed", "final_test_acc": 0.60},
