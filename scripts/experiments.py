@@ -217,10 +217,11 @@ PROBE_VARIANTS = {"l2": {"": None}, "dirac-param": {"": None}, "srip": {"": None
                   "conv-ortho": {"-coeff0.1": ("--reg-coeff", "0.1"), "": None},
                   "isonet": {"-lr0.1": ("--lr", "0.1"), "-lr0.03": ("--lr", "0.03"), "": None},
                   "tat": {"-lr0.1": ("--lr", "0.1"), "-lr0.03": ("--lr", "0.03"), "": None}}
-PROBES = {f"lb-probe-{key}{suffix}-s0": [*C10, "--model", "plain44", "--iterations", "150", "--seed", "0",
-                                         *(setting(flags, *change) if change else flags)]
-          for key, variants in PROBE_VARIANTS.items() for suffix, change in variants.items()
-          for flags in [LEADERBOARD_METHODS[key][1]]}
+PROBE_OF = {f"lb-probe-{key}{suffix}-s0": (key, change)  # probe -> (row, the setting changed or None)
+            for key, variants in PROBE_VARIANTS.items() for suffix, change in variants.items()}
+PROBES = {name: [*C10, "--model", "plain44", "--iterations", "150", "--seed", "0",
+                 *(setting(LEADERBOARD_METHODS[key][1], *change) if change else LEADERBOARD_METHODS[key][1])]
+          for name, (key, change) in PROBE_OF.items()}
 EXPERIMENTS.update(PROBES)
 EXPERIMENTS.update({f"lb-plain44-{key}-s0": c10("plain44", "10", "0", flags)
                     for key, (_, flags) in LEADERBOARD_METHODS.items()})
@@ -462,7 +463,18 @@ def tables() -> None:
     print()
     leaderboard(runs)
     print()
+    _probe_table(runs)
+    print()
     _recipes_table(runs)
+
+
+def _probe_table(runs: dict[str, dict]) -> None:
+    """The 150-step probes: each row's setting and the ones it replaced, test accuracy at the end."""
+    print("| row | probe | setting | after 150 steps |")
+    print("|---|---|---|---|")
+    for name, (key, change) in PROBE_OF.items():
+        what = f"{change[0]} {change[1]}" if change else "the row's own"
+        print(f"| {LEADERBOARD_METHODS[key][0]} | {name} | {what} | {_result(runs.get(name))} |")
 
 
 def _result(run: dict | None) -> str:

@@ -153,6 +153,18 @@ def test_setting_replaces_a_flags_value_or_adds_the_flag(experiments):
     assert [a for a in probe if a not in row] == ["--iterations", "150", "0.1"]
 
 
+def test_probe_table_names_the_setting_each_probe_changed(experiments, capsys):
+    runs = {"lb-probe-tat-lr0.1-s0": {"summary": {"status": "diverged", "diverged_at_step": 9}},
+            "lb-probe-tat-s0": {"summary": {"status": "completed", "final_test_acc": 0.2078}}}
+    experiments._probe_table(runs)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + len(experiments.PROBES)
+    tat = [line for line in lines if "lb-probe-tat" in line]
+    assert tat[0].endswith("| lb-probe-tat-lr0.1-s0 | --lr 0.1 | diverged (step 9) |")
+    assert tat[1].endswith("| lb-probe-tat-lr0.03-s0 | --lr 0.03 | not run |")
+    assert tat[2].endswith("| lb-probe-tat-s0 | the row's own | 20.78 |")
+
+
 def test_conditional_seeds_run_only_for_rows_that_decide_the_ranking(experiments, monkeypatch):
     summaries = {"lb-plain44-srip-s0": {"status": "completed", "final_test_acc": 0.65},
                  "lb-plain44-tat-s0": {"status": "completed", "final_test_acc": 0.60},
