@@ -96,6 +96,18 @@ def test_paper_presets_follow_the_protocol():
     assert (ortho.init, ortho.reg) == ("orthonormal", "ortho")
 
 
+def test_train_config_resolves_flags_as_orthomod_train_does():
+    from orthomod.cli import train_config
+
+    c = train_config(["--config", "plain44-ortho", "--epochs", "10", "--reg", "conv-ortho", "--l2-beside", "1e-4"])
+    assert (c.model, c.init, c.reg, c.l2_beside) == ("plain44", "orthonormal", "conv-ortho", 1e-4)
+    assert (c.epochs, c.iterations) == (10.0, None)  # a budget flag replaces the preset's
+    assert c.reg_coeff == 1e-4  # the preset's, validated
+    assert train_config(["--iterations", "3"]).reg_coeff == 1e-4  # l2's default, filled in by validation
+    with pytest.raises(ConfigError, match="l2_beside adds weight decay"):
+        train_config(["--iterations", "3", "--l2-beside", "1e-4"])
+
+
 def test_config_rejects_unknown_key_with_valid_list():
     with pytest.raises(ConfigError, match="unknown config key 'tau'.*valid keys: .*modulation_tau"):
         TrainConfig.from_dict({"tau": 2})

@@ -164,13 +164,7 @@ def _train_in(args: argparse.Namespace, world) -> int:
         config = _run_config(run_dir)
         trainer = Trainer(config, run_dir=run_dir, resume=True, progress=not args.no_progress, world=world)
     else:
-        values = load_config_file(args.config) if args.config else {}
-        config = TrainConfig.from_dict({**values, **overrides})
-        if "epochs" in overrides and "iterations" not in overrides:
-            config.iterations = None  # a budget flag replaces the config's budget
-        if "iterations" in overrides and "epochs" not in overrides:
-            config.epochs = None
-        trainer = Trainer(config, progress=not args.no_progress, world=world)
+        trainer = Trainer(_new_run_config(args, overrides), progress=not args.no_progress, world=world)
     summary = trainer.run()
     keys = ("status", "step", "final_test_acc", "best_test_acc", "final_train_loss", "wall_time_s")
     if world.is_main:
@@ -178,6 +172,24 @@ def _train_in(args: argparse.Namespace, world) -> int:
     if summary["status"] == "interrupted":  # the shell's convention for a signal: 128 + its number
         return 128 + signal.Signals[summary["signal"]].value
     return EXIT_DIVERGED if summary["status"] == "diverged" else 0
+
+
+def _new_run_config(args: argparse.Namespace, overrides: dict) -> TrainConfig:
+    """The config of a new run: ``--config``'s file or preset, then the flags given."""
+    values = load_config_file(args.config) if args.config else {}
+    config = TrainConfig.from_dict({**values, **overrides})
+    if "epochs" in overrides and "iterations" not in overrides:
+        config.iterations = None  # a budget flag replaces the config's budget
+    if "iterations" in overrides and "epochs" not in overrides:
+        config.epochs = None
+    return config
+
+
+def train_config(flags: list[str]) -> TrainConfig:
+    """The validated config that ``orthomod train <flags>`` would train (for scripts and benchmarks)."""
+    args = _parser().parse_args(["train", *flags])
+    overrides = {key: getattr(args, key) for _, (key, _, _) in _TRAIN_FLAGS.items() if hasattr(args, key)}
+    return _new_run_config(args, overrides).validate()
 
 
 def _run_config(run_dir: Path) -> TrainConfig:
