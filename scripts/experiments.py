@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 from itertools import combinations
-from statistics import fmean, median, stdev
+from statistics import fmean, stdev
 from pathlib import Path
 
 from orthomod.cli import EXIT_DIVERGED
@@ -29,6 +29,8 @@ from orthomod.cli import EXIT_DIVERGED
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "paper"
 COLLECTED = ROOT / "docs" / "results" / "runs"
+# each leaderboard row's step time against the baseline's (benchmarks/bench_rows.py, AMD EPYC, fp32)
+ROW_TIMES = ROOT / "docs" / "benchmarks" / "2026-11-26-bench-rows-plain44-amd-epyc-avx2.json"
 
 BASE = ["--no-progress", "--log-every", "50", "--diagnostics-every", "100"]
 C10 = ["--dataset", "cifar10"]
@@ -407,16 +409,9 @@ def _collected() -> dict[str, dict]:
             if (folder / "diagnostics.jsonl").exists():
                 probes = [p for p in map(json.loads, (folder / "diagnostics.jsonl").read_text().splitlines())
                           if p.get("kind") == "diagnostics"]
-            speeds = []
-            if (folder / "metrics.jsonl").exists():
-                speeds = [m["images_per_s"] for m in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
-                          if m.get("kind") == "train" and m.get("images_per_s")]
             runs[name] = {"summary": json.loads((folder / "summary.json").read_text()),
                           "probes": probes, "probe": probes[-1] if probes else None,
-                          "command": (folder / "command.txt").read_text().strip(),
-                          # the median over logging windows: a window stalled by a pause of the queue
-                          # (SIGSTOP while benchmarks or the test suite run) does not move it
-                          "images_per_s": median(speeds) if speeds else None}
+                          "command": (folder / "command.txt").read_text().strip()}
     return runs
 
 
@@ -725,15 +720,24 @@ def _late_ratio(run: dict) -> str:
     return f"{ratios[len(ratios) // 2]:.3g}"
 
 
+def step_ratios(path: Path | None = None) -> dict[str, float]:
+    """Method key -> its training step's time over the baseline's, from benchmarks/bench_rows.py's
+    output (``ROW_TIMES`` unless ``path``; interleaved in one process; empty where not measured)."""
+    path = path or ROW_TIMES
+    if not path.exists():
+        return {}
+    return {key: row["ratio_to_l2"] for key, row in json.loads(path.read_text())["rows"].items()}
+
+
 def leaderboard(runs: dict[str, dict]) -> None:
     """Issue 15: one row per method at plain-44, 10 epochs: accuracy over seeds, gap to the
     residual net, the exact permutation p of the difference to the best row (rows with 2 seeds or
     more, all completed), Fig. 3's moment ratio and Fig. 2's filter correlation at the end (seed
-    0), the time per training step against the baseline run on the same CPU kind (medians over
-    logging windows, so that pauses of the queue do not count), and the command."""
+    0), the time per training step against the baseline's (:func:`step_ratios`: measured side by
+    side, since the runs ran at different times on a machine whose speed drifts), and the command."""
     rows = LEADERBOARD_ROWS
     reference = _accuracies(_seeds(LEADERBOARD_REFERENCE, runs))
-    baseline = runs.get("lb-plain44-l2-s0")
+    ratios = step_ratios()
     best = best_row(RECIPES["plain44-best"], runs)
     best_accs = _accuracies(_seeds(best[0], runs)) if best else []
     print("| method | seeds | final test acc (%) | gap to resnet-44 (points) | p against the best | q(first)/q(last) | "
@@ -742,7 +746,9 @@ def leaderboard(runs: dict[str, dict]) -> None:
     for base, label in rows.items():
         seeds = _seeds(base, runs)
         if not seeds:
-            print(f"| {label} | 0 | not run | - | - | - | - | - | `orthomod train {' '.join(EXPERIMENTS[base + '-s0'])}` |")
+            wall = f"{ratios[ROW_METHOD[base]]:.2f}" if ROW_METHOD.get(base) in ratios else "-"
+            print(f"| {label} | 0 | not run | - | - | - | - | {wall} | "
+                  f"`orthomod train {' '.join(EXPERIMENTS[base + '-s0'])}` |")
             continue
         accs = _accuracies(seeds)
         if accs and len(accs) == len(seeds):
@@ -752,10 +758,7 @@ def leaderboard(runs: dict[str, dict]) -> None:
         gap = f"{100 * (fmean(accs) - fmean(reference)):+.2f}" if accs and reference else "-"
         first = seeds[0]
         corr = first["probe"]["filter_correlation_mean"] if first["probe"] else None
-        same_cpu = baseline is not None and first["summary"].get("cpu_capability") is not None and \
-            first["summary"].get("cpu_capability") == baseline["summary"].get("cpu_capability")
-        speeds = (first.get("images_per_s"), baseline.get("images_per_s")) if same_cpu else (None, None)
-        wall = f"{speeds[1] / speeds[0]:.2f}" if all(speeds) else "-"
+        wall = f"{ratios[ROW_METHOD[base]]:.2f}" if ROW_METHOD.get(base) in ratios else "-"
         if best and base == best[0]:
             p = "the best"
         elif len(accs) >= 2 and len(accs) == len(seeds) and len(best_accs) >= 2:

@@ -196,6 +196,25 @@ def test_leaderboard_gives_the_permutation_p_against_the_best_row(experiments, m
     assert cells == {"row a": "the best", "row b": "0.100", "row c": "-", "resnet": "0.100"}
 
 
+def test_leaderboard_time_column_is_the_side_by_side_benchmark(experiments, monkeypatch, capsys, tmp_path):
+    times = tmp_path / "bench-rows.json"
+    times.write_text(json.dumps({"rows": {"l2": {"ratio_to_l2": 1.0}, "m": {"ratio_to_l2": 1.234}}}))
+    monkeypatch.setattr(experiments, "ROW_TIMES", times)
+    monkeypatch.setattr(experiments, "LEADERBOARD_ROWS", {"a": "row a", "b": "row b", "n": "row n"})
+    monkeypatch.setattr(experiments, "ROW_METHOD", {"a": "m", "b": "l2", "n": "unmeasured"})
+    monkeypatch.setattr(experiments, "RECIPES", {"plain44-best": ["a", "b"]})
+    monkeypatch.setattr(experiments, "EXPERIMENTS", {"a-s0": [], "b-s0": [], "n-s0": ["--x"]})
+    runs = _runs(a_s0=0.70, b_s0=0.60)
+    for run in runs.values():
+        run.update(probes=[], probe=None, command="orthomod train")
+    assert experiments.step_ratios(times) == {"l2": 1.0, "m": 1.234}
+    assert experiments.step_ratios(tmp_path / "absent.json") == {}
+    experiments.leaderboard(runs)
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[7] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| row")}
+    assert cells == {"row a": "1.23", "row b": "1.00", "row n": "-"}  # n: not run, not measured
+
+
 def test_the_queue_follows_the_ranking_for_depth_and_longer_runs(experiments, monkeypatch):
     three = dict(s0=0.70, s1=0.70, s2=0.70)
 
