@@ -143,8 +143,9 @@ class TrainConfig:
         if self.reg_coeff is None:
             self.reg_coeff = DEFAULT_COEFF.get(self.reg, 1e-4)
         if self.l2_beside and self.reg not in REGULARIZERS:
-            raise ConfigError(f"l2_beside adds weight decay beside an orthogonality regularizer ({', '.join(REGULARIZERS)}); "
-                              f"with reg {self.reg} use --reg l2 --reg-coeff for weight decay")
+            raise ConfigError(f"l2_beside adds weight decay beside an orthogonality regularizer "
+                              f"({', '.join(REGULARIZERS)}); with reg {self.reg} use --reg l2 --reg-coeff for "
+                              "weight decay")
         if (self.epochs is None) == (self.iterations is None):
             raise ConfigError("give exactly one of epochs or iterations (--epochs N or --iterations N)")
         positive = {"batch_size": self.batch_size, "log_every": self.log_every, "eval_batch_size": self.eval_batch_size,
