@@ -4,10 +4,12 @@ Each row of ``scripts/experiments.py`` (the paper's methods and the other known 
 from its own command-line flags exactly as ``orthomod train`` builds it (model, init, norm and
 activation, parametrization, optimizer with its weight decay, regularizer, modulator), in the
 precision ``--precision auto`` picks here, channels_last, and trained for a few steps on one
-fixed random batch. Rows are interleaved round by round, each round starting at a different row
-(the machine is noisy); a row's ratio is the median over rounds of its step time over the
-baseline's (msra + L2) in the same round. This is the leaderboard's "time per step / baseline"
-column: the runs themselves ran at different times on a machine whose speed drifts.
+fixed random batch. The machine is noisy: in each round every row is timed right beside the
+baseline (msra + L2), the two in alternating order, and a row's ratio is the median over rounds
+of its step time over the baseline's beside it. This is the leaderboard's "time per step /
+baseline" column: the runs themselves ran at different times on a machine whose speed drifts.
+Rows with the baseline's arithmetic (delta-orthogonal init + L2 differs from it only in the init)
+show the resolution.
 
     python benchmarks/bench_rows.py --model plain44 --rounds 5
 """
@@ -80,13 +82,23 @@ def main() -> None:
         steps[name], precision = make_step(flags[name], args.model, x, y)
         for _ in range(2):  # warm-up: allocator, oneDNN kernel selection, SRIP's power iteration
             steps[name]()
-    times = {name: [] for name in names}
+    def timed(name: str) -> float:
+        start = time.perf_counter()
+        for _ in range(args.steps_per_round):
+            steps[name]()
+        return (time.perf_counter() - start) / args.steps_per_round
+
+    # each row's steps right after the baseline's, in turn (B A B A ...), so that a ratio compares
+    # two measurements seconds apart; which of the pair goes first alternates between rounds
+    times = {name: [] for name in names}  # of each row, and of the baseline just beside it
+    baseline = {name: [] for name in names}
     for r in range(args.rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
-            for _ in range(args.steps_per_round):
-                steps[name]()
-            times[name].append((time.perf_counter() - start) / args.steps_per_round)
+        for name in names[1:]:
+            first, second = (("l2", name) if r % 2 == 0 else (name, "l2"))
+            a, b = timed(first), timed(second)
+            times[name].append(b if first == "l2" else a)
+            baseline[name].append(a if first == "l2" else b)
+    times["l2"] = baseline["l2"] = [t for name in names[1:] for t in baseline[name]]
     result = {
         "model": args.model, "batch_size": args.batch_size, "rounds": args.rounds,
         "steps_per_round": args.steps_per_round, "precision": precision.name,
@@ -96,8 +108,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "rows": {name: {"flags": " ".join(flags[name]),
                         "median_step_s": round(statistics.median(times[name]), 4),
-                        "ratio_to_l2": round(paired_ratio(times[name], times["l2"]), 3),
-                        "round_ratios": [round(a / b, 3) for a, b in zip(times[name], times["l2"])]}
+                        "ratio_to_l2": round(paired_ratio(times[name], baseline[name]), 3),
+                        "round_ratios": [round(a / b, 3) for a, b in zip(times[name], baseline[name])]}
                  for name in names},
     }
     print(json.dumps(result, indent=2))
