@@ -225,15 +225,16 @@ PROBES = {name: [*C10, "--model", "plain44", "--iterations", "150", "--seed", "0
                  *(setting(LEADERBOARD_METHODS[key][1], *change) if change else LEADERBOARD_METHODS[key][1])]
           for name, (key, change) in PROBE_OF.items()}
 EXPERIMENTS.update(PROBES)
-EXPERIMENTS.update({f"lb-plain44-{key}-s0": c10("plain44", "10", "0", flags)
-                    for key, (_, flags) in LEADERBOARD_METHODS.items()})
-# Seeds 1 and 2 of a screening row, run only where it decides the ranking (checked by `run` when the
-# queue reaches them, after every seed 0): its seed 0 completed no more than DECIDING_MARGIN points
-# below the best row with RECIPE_MIN_SEEDS seeds, or above it. The baseline rerun needs none.
+# Each screening row's seed 0, then at once its seeds 1 and 2, which run only where the row decides
+# the ranking (checked by `run` when the queue reaches them): its seed 0 completed no more than
+# DECIDING_MARGIN points below the best row with RECIPE_MIN_SEEDS seeds, or above it. A promising
+# row is thus confirmed before the next one is screened. The baseline rerun needs no more seeds.
 DECIDING_MARGIN = 3.0
 CONDITIONAL_SEEDS = {f"lb-plain44-{key}-s{seed}": c10("plain44", "10", str(seed), flags)
                      for key, (_, flags) in LEADERBOARD_METHODS.items() if key != "l2" for seed in (1, 2)}
-EXPERIMENTS.update(CONDITIONAL_SEEDS)
+EXPERIMENTS.update({f"lb-plain44-{key}-s{seed}": c10("plain44", "10", str(seed), flags)
+                    for key, (_, flags) in LEADERBOARD_METHODS.items() for seed in (0, 1, 2)
+                    if seed == 0 or f"lb-plain44-{key}-s{seed}" in CONDITIONAL_SEEDS})
 
 # the rows already measured by experiments 1 and 2, in the leaderboard under their own names
 LEADERBOARD_EXISTING = {"e1-plain44-l2": "msra + L2 (baseline, experiment 1)",

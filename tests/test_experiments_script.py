@@ -141,6 +141,10 @@ def test_only_picks_names_containing_any_of_its_parts(experiments):
     assert not experiments._selected("f-plain44-ortho-s0", "lb-,")  # an empty part picks nothing
     queue = [name for name in experiments.EXPERIMENTS if experiments._selected(name, "x4-,lb-")]
     assert queue.index("lb-plain44-tat-s0") < queue.index("x4-plain44-ortho-mod-s0")  # the queue's order
+    # a row's conditional seeds follow its seed 0 at once: a promising row is confirmed first
+    row = queue.index("lb-plain44-delta-ortho-mod-s0")
+    assert queue[row + 1:row + 4] == ["lb-plain44-delta-ortho-mod-s1", "lb-plain44-delta-ortho-mod-s2",
+                                      "lb-plain44-isonet-bn-s0"]
 
 
 def test_setting_replaces_a_flags_value_or_adds_the_flag(experiments):
