@@ -27,9 +27,7 @@ import torch
 
 from orthomod.cli import train_config
 from orthomod.hardware import choose_precision
-from orthomod.modulation import ErrorModulator
-from orthomod.regularizers import REGULARIZERS, make_regularizer
-from orthomod.train import build_model, build_optimizer, train_step
+from orthomod.train import build_model, build_modulator, build_optimizer, build_regularizer, train_step
 
 from bench_step import cpu_model, paired_ratio
 
@@ -53,9 +51,7 @@ def make_step(flags: list[str], model_name: str, x: torch.Tensor, y: torch.Tenso
     optimizer = build_optimizer(config, model)
     for group in optimizer.param_groups:  # the same arithmetic at any lr; a small one keeps the weights sane
         group["lr"] = 1e-3
-    regularizer = make_regularizer(config.reg, model, config.reg_coeff) if config.reg in REGULARIZERS else None
-    modulator = (ErrorModulator(model, tau=config.modulation_tau, until_step=config.modulation_until,
-                                rule=config.modulation_rule) if config.modulation else None)
+    regularizer, modulator = build_regularizer(config, model), build_modulator(config, model)
     precision = choose_precision(config.precision, CPU)
 
     def step():

@@ -230,11 +230,10 @@ EXPERIMENTS.update(PROBES)
 # DECIDING_MARGIN points below the best row with RECIPE_MIN_SEEDS seeds, or above it. A promising
 # row is thus confirmed before the next one is screened. The baseline rerun needs no more seeds.
 DECIDING_MARGIN = 3.0
-CONDITIONAL_SEEDS = {f"lb-plain44-{key}-s{seed}": c10("plain44", "10", str(seed), flags)
-                     for key, (_, flags) in LEADERBOARD_METHODS.items() if key != "l2" for seed in (1, 2)}
-EXPERIMENTS.update({f"lb-plain44-{key}-s{seed}": c10("plain44", "10", str(seed), flags)
-                    for key, (_, flags) in LEADERBOARD_METHODS.items() for seed in (0, 1, 2)
-                    if seed == 0 or f"lb-plain44-{key}-s{seed}" in CONDITIONAL_SEEDS})
+SCREENING = {f"lb-plain44-{key}-s{seed}": c10("plain44", "10", str(seed), flags)
+             for key, (_, flags) in LEADERBOARD_METHODS.items() for seed in ((0,) if key == "l2" else (0, 1, 2))}
+CONDITIONAL_SEEDS = {name: flags for name, flags in SCREENING.items() if not name.endswith("-s0")}
+EXPERIMENTS.update(SCREENING)
 
 # the rows already measured by experiments 1 and 2, in the leaderboard under their own names
 LEADERBOARD_EXISTING = {"e1-plain44-l2": "msra + L2 (baseline, experiment 1)",
@@ -746,8 +745,8 @@ def leaderboard(runs: dict[str, dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for base, label in rows.items():
         seeds = _seeds(base, runs)
+        wall = f"{ratios[ROW_METHOD[base]]:.2f}" if ROW_METHOD.get(base) in ratios else "-"
         if not seeds:
-            wall = f"{ratios[ROW_METHOD[base]]:.2f}" if ROW_METHOD.get(base) in ratios else "-"
             print(f"| {label} | 0 | not run | - | - | - | - | {wall} | "
                   f"`orthomod train {' '.join(EXPERIMENTS[base + '-s0'])}` |")
             continue
@@ -759,7 +758,6 @@ def leaderboard(runs: dict[str, dict]) -> None:
         gap = f"{100 * (fmean(accs) - fmean(reference)):+.2f}" if accs and reference else "-"
         first = seeds[0]
         corr = first["probe"]["filter_correlation_mean"] if first["probe"] else None
-        wall = f"{ratios[ROW_METHOD[base]]:.2f}" if ROW_METHOD.get(base) in ratios else "-"
         if best and base == best[0]:
             p = "the best"
         elif len(accs) >= 2 and len(accs) == len(seeds) and len(best_accs) >= 2:

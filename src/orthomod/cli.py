@@ -154,7 +154,7 @@ def _leave_process_group(code: int) -> None:
 def _train_in(args: argparse.Namespace, world) -> int:
     from .train import Trainer
 
-    overrides = {key: getattr(args, key) for _, (key, _, _) in _TRAIN_FLAGS.items() if hasattr(args, key)}
+    overrides = _overrides(args)
     if args.resume:
         if args.config or overrides:
             given = ["--config"] if args.config else []
@@ -174,6 +174,11 @@ def _train_in(args: argparse.Namespace, world) -> int:
     return EXIT_DIVERGED if summary["status"] == "diverged" else 0
 
 
+def _overrides(args: argparse.Namespace) -> dict:
+    """The config keys the command line gave, with their values."""
+    return {key: getattr(args, key) for _, (key, _, _) in _TRAIN_FLAGS.items() if hasattr(args, key)}
+
+
 def _new_run_config(args: argparse.Namespace, overrides: dict) -> TrainConfig:
     """The config of a new run: ``--config``'s file or preset, then the flags given."""
     values = load_config_file(args.config) if args.config else {}
@@ -188,8 +193,7 @@ def _new_run_config(args: argparse.Namespace, overrides: dict) -> TrainConfig:
 def train_config(flags: list[str]) -> TrainConfig:
     """The validated config that ``orthomod train <flags>`` would train (for scripts and benchmarks)."""
     args = _parser().parse_args(["train", *flags])
-    overrides = {key: getattr(args, key) for _, (key, _, _) in _TRAIN_FLAGS.items() if hasattr(args, key)}
-    return _new_run_config(args, overrides).validate()
+    return _new_run_config(args, _overrides(args)).validate()
 
 
 def _run_config(run_dir: Path) -> TrainConfig:

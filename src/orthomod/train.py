@@ -90,6 +90,19 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     raise RunError(f"unknown optimizer {name!r}; choose one of sgd, nesterov, adagrad, adadelta, rmsprop, adam")
 
 
+def build_regularizer(config: TrainConfig, model: nn.Module):
+    """The config's orthogonality regularizer over ``model``, or None (L2 lives in the optimizer)."""
+    return make_regularizer(config.reg, model, config.reg_coeff) if config.reg in REGULARIZERS else None
+
+
+def build_modulator(config: TrainConfig, model: nn.Module) -> ErrorModulator | None:
+    """The config's error modulator on ``model``, or None without modulation."""
+    if not config.modulation:
+        return None
+    return ErrorModulator(model, tau=config.modulation_tau, until_step=config.modulation_until,
+                          rule=config.modulation_rule)
+
+
 def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
     """Multiplier of the base lr at ``step`` (0-based) of ``total_steps``."""
     if config.schedule == "step":
@@ -282,12 +295,10 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_grad_scaler else None
-        self.regularizer = make_regularizer(cfg.reg, self.model, cfg.reg_coeff) if cfg.reg in REGULARIZERS else None
-        self.modulator = None
-        if cfg.modulation:
-            self.modulator = ErrorModulator(self.model, tau=cfg.modulation_tau, until_step=cfg.modulation_until,
-                                            rule=cfg.modulation_rule)
-        elif cfg.diagnostics_every:  # measures error moments on the recorded steps, never modulates
+        self.regularizer = build_regularizer(cfg, self.model)
+        self.modulator = build_modulator(cfg, self.model)
+        if self.modulator is None and cfg.diagnostics_every:
+            # measures error moments on the recorded steps, never modulates
             self.modulator = ErrorModulator(self.model, until_step=0)
         self.step = 0
         self._window = {"loss": 0.0, "correct": 0, "count": 0, "time": 0.0, "steps": 0}
