@@ -3,7 +3,7 @@
     ORTHOMOD_DATA=DIR python scripts/experiments.py run [--only SUBSTRING[,SUBSTRING...]]   # sequential; resumes
     python scripts/experiments.py list
     python scripts/experiments.py collect        # copy the small files of each run to docs/results/runs
-    python scripts/experiments.py tables         # markdown tables of the collected runs (for RESULTS.md)
+    python scripts/experiments.py tables [--write]   # the tables of the collected runs (--write: into RESULTS.md)
     python scripts/experiments.py figures [--only GROUP]   # orthomod report over each experiment's runs
 
 Each experiment is one `orthomod train` command; a run that is already complete (here or in its
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -25,10 +26,12 @@ from statistics import fmean, stdev
 from pathlib import Path
 
 from orthomod.cli import EXIT_DIVERGED
+from orthomod.files import save_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "paper"
 COLLECTED = ROOT / "docs" / "results" / "runs"
+RESULTS = ROOT / "docs" / "RESULTS.md"
 # each leaderboard row's step time against the baseline's (benchmarks/bench_rows.py, AMD EPYC, fp32)
 ROW_TIMES = ROOT / "docs" / "benchmarks" / "2026-11-26-bench-rows-plain44-amd-epyc-avx2.json"
 
@@ -308,6 +311,8 @@ PRESET_EVIDENCE = {"depth-demo": "e4-plain110-ortho-mod-always", "depth-demo-l2"
 RECIPE_MIN_SEEDS = 3
 RECIPES = {"plain44-best": [base for base in LEADERBOARD_ROWS if base != LEADERBOARD_REFERENCE],
            "plain110-best": list(PLAIN110_ROWS)}
+RECIPE_LABELS = {"plain44-best": LEADERBOARD_ROWS, "plain110-best": PLAIN110_ROWS}  # how each row is labelled
+RECIPE_REFERENCE = {"plain44-best": LEADERBOARD_REFERENCE, "plain110-best": "e2-resnet110-l2"}  # the residual net
 
 
 # the runs of 2026-11-25, each report with the runs it is compared with
@@ -421,55 +426,81 @@ def _cell(value, percent=False) -> str:
     return f"{100 * value:.2f}" if percent else f"{value:.3f}"
 
 
-def tables() -> None:
-    """One markdown row per collected run: the numbers as measured, with command, seed, budget, time, date.
+def _all_runs(runs: dict[str, dict]) -> list[str]:
+    """One markdown row per collected run: the numbers as measured, with steps, time and date.
 
     Filter correlation and the error moment ratio are those of the run's last diagnostics line.
     """
-    print("| run | status | steps | final test acc (%) | best test acc (%) | final train loss | "
-          "filter corr. | q(first)/q(last) | wall time (min) | date |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    runs = _collected()
+    lines = ["| run | status | steps | final test acc (%) | best test acc (%) | final train loss | "
+             "filter corr. | q(first)/q(last) | wall time (min) | date |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, run in runs.items():
         s, probe = run["summary"], run["probe"] or {}
         status = s["status"] if s["status"] != "diverged" else f"diverged at step {s['diverged_at_step']}"
         ratio = probe.get("moment_ratio_first_last")
-        print(f"| {name} | {status} | {s['step']}/{s['total_steps']} | {_cell(s['final_test_acc'], True)} | "
-              f"{_cell(s['best_test_acc'], True)} | {_cell(s['final_train_loss'])} | "
-              f"{_cell(probe.get('filter_correlation_mean'))} | {'-' if ratio is None else f'{ratio:.3g}'} | "
-              f"{s['wall_time_s'] / 60:.1f} | {s['updated'][:10]} |")
-    print()
-    for name, run in runs.items():
-        print(f"- `{name}`: `{run['command']}`")
-    print()
-    _seed_table(runs)
-    print()
-    _seed_table(runs, ("e1-plain44", "e2-plain44"))  # experiment 1's accuracy claim
-    print()
-    _depth_table(runs)
-    print()
-    _table2(runs)
-    print()
-    _modulation_table(runs)
-    print()
-    _figures23_table(runs)
-    print()
-    _comparisons(runs)
-    print()
-    leaderboard(runs)
-    print()
-    _probe_table(runs)
-    print()
-    _recipes_table(runs)
+        lines.append(f"| {name} | {status} | {s['step']}/{s['total_steps']} | {_cell(s['final_test_acc'], True)} | "
+                     f"{_cell(s['best_test_acc'], True)} | {_cell(s['final_train_loss'])} | "
+                     f"{_cell(probe.get('filter_correlation_mean'))} | {'-' if ratio is None else f'{ratio:.3g}'} | "
+                     f"{s['wall_time_s'] / 60:.1f} | {s['updated'][:10]} |")
+    return lines
 
 
-def _probe_table(runs: dict[str, dict]) -> None:
+def table_blocks(runs: dict[str, dict]) -> dict[str, list[str]]:
+    """Every generated table of docs/RESULTS.md by the name of its marker, in the order printed."""
+    return {"all-runs": _all_runs(runs),
+            "commands": [f"- `{name}`: `{run['command']}`" for name, run in runs.items()],
+            "seeds": _seed_table(runs),
+            "seeds-plain44": _seed_table(runs, ("e1-plain44", "e2-plain44")),  # experiment 1's accuracy claim
+            "depth": _depth_table(runs),
+            "table2": _table2(runs),
+            "modulation": _modulation_table(runs),
+            "figures23": _figures23_table(runs),
+            "comparisons": _comparisons(runs),
+            "leaderboard": leaderboard(runs),
+            "probes": _probe_table(runs),
+            "recipes": _recipes_table(runs)}
+
+
+# docs/RESULTS.md holds each table of table_blocks between these two lines, a blank line on each side
+BEGIN, END = "<!-- generated table: {} (scripts/experiments.py tables) -->", "<!-- end of generated table -->"
+_BLOCK = re.compile(re.escape(BEGIN).replace(re.escape("{}"), r"([\w-]+)") + r"\n\n.*?\n\n" + re.escape(END), re.S)
+
+
+def filled(text: str, blocks: dict[str, list[str]]) -> str:
+    """``text`` with the table between each pair of markers replaced by its block; a ValueError
+    names a block that has no markers and markers that name no block."""
+    named = _BLOCK.findall(text)
+    unknown = sorted(set(named) - set(blocks))
+    missing = [name for name in blocks if name not in named]
+    if unknown or missing:
+        raise ValueError(f"markers without a table: {', '.join(unknown) or 'none'}; "
+                         f"tables without markers: {', '.join(missing) or 'none'}")
+    return _BLOCK.sub(lambda m: BEGIN.format(m[1]) + "\n\n" + "\n".join(blocks[m[1]]) + "\n\n" + END, text)
+
+
+def tables(write: bool = False) -> None:
+    """Print every generated table, or (``write``) put each into docs/RESULTS.md between its markers."""
+    blocks = table_blocks(_collected())
+    if not write:
+        print("\n\n".join("\n".join(lines) for lines in blocks.values()))
+        return
+    try:
+        text = filled(RESULTS.read_text(), blocks)
+    except ValueError as err:
+        sys.exit(f"experiments.py: {RESULTS}: {err}")
+    save_text(RESULTS, text)
+    print(f"wrote {len(blocks)} tables into {RESULTS}")
+
+
+def _probe_table(runs: dict[str, dict]) -> list[str]:
     """The 150-step probes: each row's setting and the ones it replaced, test accuracy at the end."""
-    print("| row | probe | setting | after 150 steps |")
-    print("|---|---|---|---|")
+    lines = []
+    lines.append("| row | probe | setting | after 150 steps |")
+    lines.append("|---|---|---|---|")
     for name, (key, change) in PROBE_OF.items():
         what = f"{change[0]} {change[1]}" if change else "the row's own"
-        print(f"| {LEADERBOARD_METHODS[key][0]} | {name} | {what} | {_result(runs.get(name))} |")
+        lines.append(f"| {LEADERBOARD_METHODS[key][0]} | {name} | {what} | {_result(runs.get(name))} |")
+    return lines
 
 
 def _result(run: dict | None) -> str:
@@ -506,17 +537,19 @@ def _seed_cells(seeds: list[dict]) -> str:
     return f"{shown} | {100 * fmean(accs):.2f} | {100 * stdev(accs):.2f} | {100 * (max(accs) - min(accs)):.2f}"
 
 
-def _seed_table(runs: dict[str, dict], prefixes: tuple[str, ...] = ("",)) -> None:
+def _seed_table(runs: dict[str, dict], prefixes: tuple[str, ...] = ("",)) -> list[str]:
     """Runs with more than one seed (whose names start with one of ``prefixes``): final accuracy
     per seed, mean, standard deviation and spread."""
+    lines = []
     bases = sorted({_base(n) for n in runs if not n.endswith("-s0") and n.startswith(prefixes)})
-    print("| run (seeds 0, 1, ...) | final test acc per seed (%) | mean (%) | std (points) | spread (points) |")
-    print("|---|---|---|---|---|")
+    lines.append("| run (seeds 0, 1, ...) | final test acc per seed (%) | mean (%) | std (points) | spread (points) |")
+    lines.append("|---|---|---|---|---|")
     for base in bases:
-        print(f"| {base} | {_seed_cells(_seeds(base, runs))} |")
+        lines.append(f"| {base} | {_seed_cells(_seeds(base, runs))} |")
+    return lines
 
 
-def _figures23_table(runs: dict[str, dict]) -> None:
+def _figures23_table(runs: dict[str, dict]) -> list[str]:
     """Experiment 1, per plain-44 run: accuracy and the Fig. 2 and Fig. 3 statistics.
 
     Filter correlation at iteration 100 and at the end; the first/last error moment ratio as the
@@ -524,9 +557,10 @@ def _figures23_table(runs: dict[str, dict]) -> None:
     the mean over layers of ||V V^T - I||_F at the end (how far the filters are from orthonormal).
     With modulation the ratio is that of the modulated errors (1 by construction when tau = 1).
     """
-    print("| run | final test acc (%) | filter corr. at 100 | filter corr. at end | "
+    lines = []
+    lines.append("| run | final test acc (%) | filter corr. at 100 | filter corr. at end | "
           "q(first)/q(last), median of last third | mean Frobenius norm of VV^T - I at end |")
-    print("|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|")
     for name in sorted(runs):
         if not name.startswith(("e1-", "e2-plain44")):
             continue
@@ -535,9 +569,10 @@ def _figures23_table(runs: dict[str, dict]) -> None:
             continue
         ratios = sorted(p["moment_ratio_first_last"] for p in probes[2 * len(probes) // 3:])
         residual = probes[-1]["ortho_residual"]
-        print(f"| {name} | {_result(runs[name])} | {probes[0]['filter_correlation_mean']:.4f} | "
+        lines.append(f"| {name} | {_result(runs[name])} | {probes[0]['filter_correlation_mean']:.4f} | "
               f"{probes[-1]['filter_correlation_mean']:.4f} | {ratios[len(ratios) // 2]:.3g} | "
               f"{fmean(residual):.2f} |")
+    return lines
 
 
 def _permutation_p(a: list[float], b: list[float]) -> float:
@@ -552,33 +587,38 @@ def _permutation_p(a: list[float], b: list[float]) -> float:
     return extreme / len(splits)
 
 
-def _comparisons(runs: dict[str, dict]) -> None:
+def _comparisons(runs: dict[str, dict]) -> list[str]:
     """Mean differences between configurations run with several seeds, with a permutation p-value."""
+    lines = []
     pairs = [("e1-plain44-ortho", "e1-plain44-l2"), ("e2-plain44-ortho-mod", "e1-plain44-l2"),
              ("e2-plain44-ortho-mod", "e1-plain44-ortho"), ("e1-plain44-ortho-coeff1e-3", "e1-plain44-ortho"),
              ("e4-plain110-ortho-mod-always", "e4-plain110-ortho-mod-tau1-until780"),
              ("e4-plain110-ortho-mod-always", "e4-plain110-ortho-mod-tau1-until400"),
              ("e4-plain110-ortho-mod-always", "e4-plain110-ortho-mod-tau1.1-always")]
-    print("| comparison | seeds | mean difference (points) | exact permutation p (two-sided) |")
-    print("|---|---|---|---|")
+    lines.append("| comparison | seeds | mean difference (points) | exact permutation p (two-sided) |")
+    lines.append("|---|---|---|---|")
     for first, second in pairs:
         a, b = (_accuracies(_seeds(base, runs)) for base in (first, second))
         if len(a) < 2 or len(b) < 2:
             continue
         diff = 100 * (fmean(a) - fmean(b))
-        print(f"| {first} - {second} | {len(a)} and {len(b)} | {diff:+.2f} | {_permutation_p(a, b):.3f} |")
+        lines.append(f"| {first} - {second} | {len(a)} and {len(b)} | {diff:+.2f} | {_permutation_p(a, b):.3f} |")
+    return lines
 
 
-def _modulation_table(runs: dict[str, dict]) -> None:
+def _modulation_table(runs: dict[str, dict]) -> list[str]:
     """Experiment 4: plain-110 with orthonormality, by modulation setting, every seed."""
-    print("| run | modulation | final test acc per seed (%) | mean (%) | std (points) | spread (points) |")
-    print("|---|---|---|---|---|---|")
+    lines = []
+    lines.append("| run | modulation | final test acc per seed (%) | mean (%) | std (points) | spread (points) |")
+    lines.append("|---|---|---|---|---|---|")
     for base, label in PLAIN110_ROWS.items():
-        print(f"| {base} | {label} | {_seed_cells(_seeds(base, runs))} |")
+        lines.append(f"| {base} | {label} | {_seed_cells(_seeds(base, runs))} |")
+    return lines
 
 
-def _table2(runs: dict[str, dict]) -> None:
+def _table2(runs: dict[str, dict]) -> list[str]:
     """Experiment 3: final test accuracy (%) and final train loss per optimizer and seed, plain-44 and plain-110."""
+    lines = []
 
     def cell(base: str) -> str:
         seeds = _seeds(base, runs)
@@ -588,12 +628,13 @@ def _table2(runs: dict[str, dict]) -> None:
         losses = [r["summary"]["final_train_loss"] for r in seeds if r["summary"]["status"] == "completed"]
         return f"{shown} ({' / '.join(f'{x:.3f}' for x in losses)})" if losses else shown
 
-    print("| optimizer | plain-44, 2 epochs: acc % per seed (train loss) "
+    lines.append("| optimizer | plain-44, 2 epochs: acc % per seed (train loss) "
           "| plain-110, 1 epoch: acc % per seed (train loss) |")
-    print("|---|---|---|")
+    lines.append("|---|---|---|")
     for opt in (*OPTIMIZERS, "ours"):
         label = "ours (ortho + modulation, SGD)" if opt == "ours" else f"{opt} (msra + L2)"
-        print(f"| {label} | {cell(f't2-plain44-{opt}')} | {cell(f't2-plain110-{opt}')} |")
+        lines.append(f"| {label} | {cell(f't2-plain44-{opt}')} | {cell(f't2-plain110-{opt}')} |")
+    return lines
 
 
 def _mean_over_seeds(base: str, runs: dict[str, dict]) -> str:
@@ -605,14 +646,16 @@ def _mean_over_seeds(base: str, runs: dict[str, dict]) -> str:
     return " / ".join(_result(r) for r in seeds) or "not run"
 
 
-def _depth_table(runs: dict[str, dict]) -> None:
+def _depth_table(runs: dict[str, dict]) -> list[str]:
     """Experiment 2: final test accuracy (%) by depth and method, the mean where there are several seeds."""
+    lines = []
     sweep = depth_sweep(runs)
-    print("| depth (budget) | " + " | ".join(sweep) + " |")
-    print("|---" * (len(sweep) + 1) + "|")
+    lines.append("| depth (budget) | " + " | ".join(sweep) + " |")
+    lines.append("|---" * (len(sweep) + 1) + "|")
     for depth, budget in DEPTH_BUDGETS.items():
         cells = (_mean_over_seeds(bases[depth], runs) for bases in sweep.values())
-        print(f"| plain-{depth} ({budget}) | " + " | ".join(cells) + " |")
+        lines.append(f"| plain-{depth} ({budget}) | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _depth_points(runs: dict[str, dict]) -> dict[str, list[tuple]]:
@@ -701,14 +744,26 @@ def depth_sweep(runs: dict[str, dict]) -> dict[str, dict[int, str]]:
             "residual, msra + L2": RESNET_DEPTH_RUNS}
 
 
-def _recipes_table(runs: dict[str, dict]) -> None:
-    """Issue 15: which row each recommended preset comes from."""
-    print(f"| preset | chosen from | best row with >= {RECIPE_MIN_SEEDS} seeds | mean final test acc (%) |")
-    print("|---|---|---|---|")
+def _recipes_table(runs: dict[str, dict]) -> list[str]:
+    """Issue 15: which row each recommended preset comes from, and its gap to the residual net."""
+    lines = [f"| preset | chosen from | best row with >= {RECIPE_MIN_SEEDS} seeds | its label in its table | "
+             "mean final test acc (%) | gap to the residual net (points) |",
+             "|---|---|---|---|---|---|"]
     for preset, bases in RECIPES.items():
-        best = best_row(bases, runs)
-        chosen = "none yet" if best is None else f"{best[0]} | {best[1]:.2f} ({best[2]} seeds)"
-        print(f"| {preset} | {len(bases)} rows | {chosen} |")
+        ranked = ranking(bases, runs)
+        depth = preset.removesuffix("-best").replace("plain", "plain-")
+        chosen = f"{len(bases)} {depth} rows ({len(ranked)} with >= {RECIPE_MIN_SEEDS} seeds)"
+        if not ranked:
+            lines.append(f"| `{preset}` | {chosen} | none yet | - | - | - |")
+            continue
+        base, mean, seeds = ranked[0]
+        reference = RECIPE_REFERENCE[preset]
+        accs = _accuracies(_seeds(reference, runs))
+        gap = (f"{mean - 100 * fmean(accs):+.2f} ({reference.split('-')[1].replace('resnet', 'resnet-')}, "
+               f"{len(accs)} seeds)") if accs else "-"
+        lines.append(f"| `{preset}` | {chosen} | {base} | {RECIPE_LABELS[preset][base]} | {mean:.2f} ({seeds} seeds) | "
+                     f"{gap} |")
+    return lines
 
 
 def _late_ratio(run: dict) -> str:
@@ -729,25 +784,26 @@ def step_ratios(path: Path | None = None) -> dict[str, float]:
     return {key: row["ratio_to_l2"] for key, row in json.loads(path.read_text())["rows"].items()}
 
 
-def leaderboard(runs: dict[str, dict]) -> None:
+def leaderboard(runs: dict[str, dict]) -> list[str]:
     """Issue 15: one row per method at plain-44, 10 epochs: accuracy over seeds, gap to the
     residual net, the exact permutation p of the difference to the best row (rows with 2 seeds or
     more, all completed), Fig. 3's moment ratio and Fig. 2's filter correlation at the end (seed
     0), the time per training step against the baseline's (:func:`step_ratios`: measured side by
     side, since the runs ran at different times on a machine whose speed drifts), and the command."""
+    lines = []
     rows = LEADERBOARD_ROWS
     reference = _accuracies(_seeds(LEADERBOARD_REFERENCE, runs))
     ratios = step_ratios()
     best = best_row(RECIPES["plain44-best"], runs)
     best_accs = _accuracies(_seeds(best[0], runs)) if best else []
-    print("| method | seeds | final test acc (%) | gap to resnet-44 (points) | p against the best | q(first)/q(last) | "
+    lines.append("| method | seeds | final test acc (%) | gap to resnet-44 (points) | p against the best | q(first)/q(last) | "
           "filter corr. | time per step / baseline | command (seed 0) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for base, label in rows.items():
         seeds = _seeds(base, runs)
         wall = f"{ratios[ROW_METHOD[base]]:.2f}" if ROW_METHOD.get(base) in ratios else "-"
         if not seeds:
-            print(f"| {label} | 0 | not run | - | - | - | - | {wall} | "
+            lines.append(f"| {label} | 0 | not run | - | - | - | - | {wall} | "
                   f"`orthomod train {' '.join(EXPERIMENTS[base + '-s0'])}` |")
             continue
         accs = _accuracies(seeds)
@@ -764,8 +820,9 @@ def leaderboard(runs: dict[str, dict]) -> None:
             p = f"{_permutation_p(accs, best_accs):.3f}"
         else:
             p = "-"
-        print(f"| {label} | {len(seeds)} | {acc} | {gap} | {p} | {_late_ratio(first)} | {_cell(corr)} | {wall} | "
+        lines.append(f"| {label} | {len(seeds)} | {acc} | {gap} | {p} | {_late_ratio(first)} | {_cell(corr)} | {wall} | "
               f"`{first['command']}` |")
+    return lines
 
 
 def _run_folder(name: str) -> Path | None:
@@ -819,13 +876,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("run", "list", "collect", "tables", "figures"))
     parser.add_argument("--only")
+    parser.add_argument("--write", action="store_true", help="tables: write them into docs/RESULTS.md")
     args = parser.parse_args()
     if args.action == "run":
         run(args.only)
     elif args.action == "collect":
         collect()
     elif args.action == "tables":
-        tables()
+        tables(args.write)
     elif args.action == "figures":
         figures(args.only)
     else:

@@ -43,6 +43,29 @@ def test_tables_report_the_committed_summaries(experiments, capsys):
         assert f"| {name} |" in out
 
 
+def test_filled_replaces_each_marked_table_and_names_what_does_not_match(experiments):
+    begin, end = experiments.BEGIN, experiments.END
+    text = (f"# R\n\n{begin.format('a')}\n\n| old |\n|---|\n\n{end}\n\nprose | kept\n\n"
+            f"{begin.format('b-2')}\n\n| x |\n\n{end}\n")
+    new = experiments.filled(text, {"a": ["| new |", "|---|", "| 1 |"], "b-2": ["| y |"]})
+    assert new == (f"# R\n\n{begin.format('a')}\n\n| new |\n|---|\n| 1 |\n\n{end}\n\nprose | kept\n\n"
+                   f"{begin.format('b-2')}\n\n| y |\n\n{end}\n")
+    assert experiments.filled(new, {"a": ["| new |", "|---|", "| 1 |"], "b-2": ["| y |"]}) == new
+    with pytest.raises(ValueError, match="markers without a table: b-2; tables without markers: c"):
+        experiments.filled(text, {"a": ["| t |"], "c": ["| t |"]})
+
+
+def test_results_md_holds_the_tables_of_the_committed_runs(experiments):
+    """Each generated table in docs/RESULTS.md is what the committed runs give today: after
+    `collect`, `tables --write` must follow (this fails until it does)."""
+    text = experiments.RESULTS.read_text()
+    blocks = experiments.table_blocks(experiments._collected())
+    assert len(blocks) == 12 and experiments.filled(text, blocks) == text
+    best = experiments.best_row(experiments.RECIPES["plain44-best"], experiments._collected())
+    recipe = next(line for line in text.splitlines() if line.startswith("| `plain44-best` |"))
+    assert recipe.split(" | ")[2] == best[0]
+
+
 def test_depth_cells_average_only_when_every_seed_completed(experiments):
     def run(status, acc=None, step=None):
         return {"summary": {"status": status, "final_test_acc": acc, "diverged_at_step": step}}
@@ -55,13 +78,12 @@ def test_depth_cells_average_only_when_every_seed_completed(experiments):
     assert experiments._mean_over_seeds("d", runs) == "not run"
 
 
-def test_seed_table_keeps_the_named_prefixes(experiments, capsys):
+def test_seed_table_keeps_the_named_prefixes(experiments):
     def run(acc):
         return {"summary": {"status": "completed", "final_test_acc": acc}}
 
     runs = {"e1-a-s0": run(0.5), "e1-a-s1": run(0.7), "t2-b-s0": run(0.3), "t2-b-s1": run(0.4), "e1-c-s0": run(0.9)}
-    experiments._seed_table(runs, ("e1-",))
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| e") or line.startswith("| t")]
+    rows = [line for line in experiments._seed_table(runs, ("e1-",)) if line.startswith(("| e", "| t"))]
     assert rows == ["| e1-a | 50.00, 70.00 | 60.00 | 14.14 | 20.00 |"]  # t2-b filtered out, e1-c has one seed
 
 
@@ -157,11 +179,10 @@ def test_setting_replaces_a_flags_value_or_adds_the_flag(experiments):
     assert [a for a in probe if a not in row] == ["--iterations", "150", "0.1"]
 
 
-def test_probe_table_names_the_setting_each_probe_changed(experiments, capsys):
+def test_probe_table_names_the_setting_each_probe_changed(experiments):
     runs = {"lb-probe-tat-lr0.1-s0": {"summary": {"status": "diverged", "diverged_at_step": 9}},
             "lb-probe-tat-s0": {"summary": {"status": "completed", "final_test_acc": 0.2078}}}
-    experiments._probe_table(runs)
-    lines = capsys.readouterr().out.splitlines()
+    lines = experiments._probe_table(runs)
     assert len(lines) == 2 + len(experiments.PROBES)
     tat = [line for line in lines if "lb-probe-tat" in line]
     assert tat[0].endswith("| lb-probe-tat-lr0.1-s0 | --lr 0.1 | diverged (step 9) |")
@@ -184,7 +205,7 @@ def test_conditional_seeds_run_only_for_rows_that_decide_the_ranking(experiments
     assert "lb-plain44-srip-s2" in experiments.CONDITIONAL_SEEDS and "lb-plain44-l2-s1" not in experiments.EXPERIMENTS
 
 
-def test_leaderboard_gives_the_permutation_p_against_the_best_row(experiments, monkeypatch, capsys):
+def test_leaderboard_gives_the_permutation_p_against_the_best_row(experiments, monkeypatch):
     monkeypatch.setattr(experiments, "LEADERBOARD_ROWS", {"a": "row a", "b": "row b", "c": "row c", "r": "resnet"})
     monkeypatch.setattr(experiments, "LEADERBOARD_REFERENCE", "r")
     monkeypatch.setattr(experiments, "RECIPES", {"plain44-best": ["a", "b", "c"]})
@@ -193,14 +214,13 @@ def test_leaderboard_gives_the_permutation_p_against_the_best_row(experiments, m
     for run in runs.values():
         run.update(probes=[], probe=None, command="orthomod train")
         run["summary"]["wall_time_s"] = 1.0
-    experiments.leaderboard(runs)
-    cells = {line.split(" | ")[0][2:]: line.split(" | ")[4] for line in capsys.readouterr().out.splitlines()
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[4] for line in experiments.leaderboard(runs)
              if line.startswith("| row") or line.startswith("| resnet")}
     # b is fully below a, 3 against 3: 2 of the 20 splits are as extreme; c has one seed; r is 2 against 3: 1 of 10
     assert cells == {"row a": "the best", "row b": "0.100", "row c": "-", "resnet": "0.100"}
 
 
-def test_leaderboard_time_column_is_the_side_by_side_benchmark(experiments, monkeypatch, capsys, tmp_path):
+def test_leaderboard_time_column_is_the_side_by_side_benchmark(experiments, monkeypatch, tmp_path):
     times = tmp_path / "bench-rows.json"
     times.write_text(json.dumps({"rows": {"l2": {"ratio_to_l2": 1.0}, "m": {"ratio_to_l2": 1.234}}}))
     monkeypatch.setattr(experiments, "ROW_TIMES", times)
@@ -213,8 +233,7 @@ def test_leaderboard_time_column_is_the_side_by_side_benchmark(experiments, monk
         run.update(probes=[], probe=None, command="orthomod train")
     assert experiments.step_ratios(times) == {"l2": 1.0, "m": 1.234}
     assert experiments.step_ratios(tmp_path / "absent.json") == {}
-    experiments.leaderboard(runs)
-    cells = {line.split(" | ")[0][2:]: line.split(" | ")[7] for line in capsys.readouterr().out.splitlines()
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[7] for line in experiments.leaderboard(runs)
              if line.startswith("| row")}
     assert cells == {"row a": "1.23", "row b": "1.00", "row n": "-"}  # n: not run, not measured
 

@@ -21,7 +21,7 @@ import torch
 
 from .errors import OrthomodError
 
-__all__ = ["save_json", "load_json", "save_checkpoint", "load_checkpoint", "CheckpointError", "RunFolderError",
+__all__ = ["save_text", "save_json", "load_json", "save_checkpoint", "load_checkpoint", "CheckpointError", "RunFolderError",
            "RunLock", "RunFolder"]
 
 
@@ -55,6 +55,11 @@ def _finite_json(value):
     if isinstance(value, (list, tuple)):
         return [_finite_json(v) for v in value]
     return value
+
+
+def save_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a reader sees the old file or the new one, never half)."""
+    _replace_from_tmp(Path(path), lambda f: f.write(text.encode()))
 
 
 def save_json(path: Path, payload) -> None:
