@@ -559,7 +559,7 @@ def _figures23_table(runs: dict[str, dict]) -> list[str]:
     """
     lines = []
     lines.append("| run | final test acc (%) | filter corr. at 100 | filter corr. at end | "
-          "q(first)/q(last), median of last third | mean Frobenius norm of VV^T - I at end |")
+                 "q(first)/q(last), median of last third | mean Frobenius norm of VV^T - I at end |")
     lines.append("|---|---|---|---|---|---|")
     for name in sorted(runs):
         if not name.startswith(("e1-", "e2-plain44")):
@@ -570,8 +570,8 @@ def _figures23_table(runs: dict[str, dict]) -> list[str]:
         ratios = sorted(p["moment_ratio_first_last"] for p in probes[2 * len(probes) // 3:])
         residual = probes[-1]["ortho_residual"]
         lines.append(f"| {name} | {_result(runs[name])} | {probes[0]['filter_correlation_mean']:.4f} | "
-              f"{probes[-1]['filter_correlation_mean']:.4f} | {ratios[len(ratios) // 2]:.3g} | "
-              f"{fmean(residual):.2f} |")
+                     f"{probes[-1]['filter_correlation_mean']:.4f} | {ratios[len(ratios) // 2]:.3g} | "
+                     f"{fmean(residual):.2f} |")
     return lines
 
 
@@ -629,7 +629,7 @@ def _table2(runs: dict[str, dict]) -> list[str]:
         return f"{shown} ({' / '.join(f'{x:.3f}' for x in losses)})" if losses else shown
 
     lines.append("| optimizer | plain-44, 2 epochs: acc % per seed (train loss) "
-          "| plain-110, 1 epoch: acc % per seed (train loss) |")
+                 "| plain-110, 1 epoch: acc % per seed (train loss) |")
     lines.append("|---|---|---|")
     for opt in (*OPTIMIZERS, "ours"):
         label = "ours (ortho + modulation, SGD)" if opt == "ours" else f"{opt} (msra + L2)"
@@ -797,14 +797,14 @@ def leaderboard(runs: dict[str, dict]) -> list[str]:
     best = best_row(RECIPES["plain44-best"], runs)
     best_accs = _accuracies(_seeds(best[0], runs)) if best else []
     lines.append("| method | seeds | final test acc (%) | gap to resnet-44 (points) | p against the best | q(first)/q(last) | "
-          "filter corr. | time per step / baseline | command (seed 0) |")
+                 "filter corr. | time per step / baseline | command (seed 0) |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for base, label in rows.items():
         seeds = _seeds(base, runs)
         wall = f"{ratios[ROW_METHOD[base]]:.2f}" if ROW_METHOD.get(base) in ratios else "-"
         if not seeds:
             lines.append(f"| {label} | 0 | not run | - | - | - | - | {wall} | "
-                  f"`orthomod train {' '.join(EXPERIMENTS[base + '-s0'])}` |")
+                         f"`orthomod train {' '.join(EXPERIMENTS[base + '-s0'])}` |")
             continue
         accs = _accuracies(seeds)
         if accs and len(accs) == len(seeds):
@@ -821,7 +821,7 @@ def leaderboard(runs: dict[str, dict]) -> list[str]:
         else:
             p = "-"
         lines.append(f"| {label} | {len(seeds)} | {acc} | {gap} | {p} | {_late_ratio(first)} | {_cell(corr)} | {wall} | "
-              f"`{first['command']}` |")
+                     f"`{first['command']}` |")
     return lines
 
 
