@@ -789,7 +789,8 @@ def leaderboard(runs: dict[str, dict]) -> list[str]:
     residual net, the exact permutation p of the difference to the best row (rows with 2 seeds or
     more, all completed), Fig. 3's moment ratio and Fig. 2's filter correlation at the end (seed
     0), the time per training step against the baseline's (:func:`step_ratios`: measured side by
-    side, since the runs ran at different times on a machine whose speed drifts), and the command."""
+    side, since the runs ran at different times on a machine whose speed drifts), and the command.
+    Seeds still running are counted beside the others and left out of the statistics."""
     lines = []
     rows = LEADERBOARD_ROWS
     reference = _accuracies(_seeds(LEADERBOARD_REFERENCE, runs))
@@ -806,13 +807,16 @@ def leaderboard(runs: dict[str, dict]) -> list[str]:
             lines.append(f"| {label} | 0 | not run | - | - | - | - | {wall} | "
                          f"`orthomod train {' '.join(EXPERIMENTS[base + '-s0'])}` |")
             continue
+        first = seeds[0]
+        ended = [r for r in seeds if r["summary"]["status"] != "running"]  # a seed under way is counted aside
+        busy = "" if not ended or len(ended) == len(seeds) else f" (+{len(seeds) - len(ended)} running)"
+        seeds = ended or seeds
         accs = _accuracies(seeds)
         if accs and len(accs) == len(seeds):
             acc = f"{100 * fmean(accs):.2f}" + (f" ± {100 * stdev(accs):.2f}" if len(accs) > 1 else "")
         else:
             acc = " / ".join(_result(r) for r in seeds)
         gap = f"{100 * (fmean(accs) - fmean(reference)):+.2f}" if accs and reference else "-"
-        first = seeds[0]
         corr = first["probe"]["filter_correlation_mean"] if first["probe"] else None
         if best and base == best[0]:
             p = "the best"
@@ -820,7 +824,7 @@ def leaderboard(runs: dict[str, dict]) -> list[str]:
             p = f"{_permutation_p(accs, best_accs):.3f}"
         else:
             p = "-"
-        lines.append(f"| {label} | {len(seeds)} | {acc} | {gap} | {p} | {_late_ratio(first)} | {_cell(corr)} | {wall} | "
+        lines.append(f"| {label} | {len(seeds)}{busy} | {acc} | {gap} | {p} | {_late_ratio(first)} | {_cell(corr)} | {wall} | "
                      f"`{first['command']}` |")
     return lines
 
