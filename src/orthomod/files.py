@@ -21,8 +21,8 @@ import torch
 
 from .errors import OrthomodError
 
-__all__ = ["save_text", "save_json", "load_json", "save_checkpoint", "load_checkpoint", "CheckpointError", "RunFolderError",
-           "RunLock", "RunFolder"]
+__all__ = ["save_text", "save_json", "load_json", "save_checkpoint", "load_checkpoint", "CheckpointError",
+           "RunFolderError", "RunLock", "RunFolder"]
 
 
 class CheckpointError(OrthomodError):
