@@ -494,9 +494,8 @@ def tables(write: bool = False) -> None:
 
 def _probe_table(runs: dict[str, dict]) -> list[str]:
     """The 150-step probes: each row's setting and the ones it replaced, test accuracy at the end."""
-    lines = []
-    lines.append("| row | probe | setting | after 150 steps |")
-    lines.append("|---|---|---|---|")
+    lines = ["| row | probe | setting | after 150 steps |",
+             "|---|---|---|---|"]
     for name, (key, change) in PROBE_OF.items():
         what = f"{change[0]} {change[1]}" if change else "the row's own"
         lines.append(f"| {LEADERBOARD_METHODS[key][0]} | {name} | {what} | {_result(runs.get(name))} |")
@@ -540,10 +539,9 @@ def _seed_cells(seeds: list[dict]) -> str:
 def _seed_table(runs: dict[str, dict], prefixes: tuple[str, ...] = ("",)) -> list[str]:
     """Runs with more than one seed (whose names start with one of ``prefixes``): final accuracy
     per seed, mean, standard deviation and spread."""
-    lines = []
     bases = sorted({_base(n) for n in runs if not n.endswith("-s0") and n.startswith(prefixes)})
-    lines.append("| run (seeds 0, 1, ...) | final test acc per seed (%) | mean (%) | std (points) | spread (points) |")
-    lines.append("|---|---|---|---|---|")
+    lines = ["| run (seeds 0, 1, ...) | final test acc per seed (%) | mean (%) | std (points) | spread (points) |",
+             "|---|---|---|---|---|"]
     for base in bases:
         lines.append(f"| {base} | {_seed_cells(_seeds(base, runs))} |")
     return lines
@@ -557,10 +555,9 @@ def _figures23_table(runs: dict[str, dict]) -> list[str]:
     the mean over layers of ||V V^T - I||_F at the end (how far the filters are from orthonormal).
     With modulation the ratio is that of the modulated errors (1 by construction when tau = 1).
     """
-    lines = []
-    lines.append("| run | final test acc (%) | filter corr. at 100 | filter corr. at end | "
-                 "q(first)/q(last), median of last third | mean Frobenius norm of VV^T - I at end |")
-    lines.append("|---|---|---|---|---|---|")
+    lines = ["| run | final test acc (%) | filter corr. at 100 | filter corr. at end | "
+             "q(first)/q(last), median of last third | mean Frobenius norm of VV^T - I at end |",
+             "|---|---|---|---|---|---|"]
     for name in sorted(runs):
         if not name.startswith(("e1-", "e2-plain44")):
             continue
@@ -589,14 +586,13 @@ def _permutation_p(a: list[float], b: list[float]) -> float:
 
 def _comparisons(runs: dict[str, dict]) -> list[str]:
     """Mean differences between configurations run with several seeds, with a permutation p-value."""
-    lines = []
     pairs = [("e1-plain44-ortho", "e1-plain44-l2"), ("e2-plain44-ortho-mod", "e1-plain44-l2"),
              ("e2-plain44-ortho-mod", "e1-plain44-ortho"), ("e1-plain44-ortho-coeff1e-3", "e1-plain44-ortho"),
              ("e4-plain110-ortho-mod-always", "e4-plain110-ortho-mod-tau1-until780"),
              ("e4-plain110-ortho-mod-always", "e4-plain110-ortho-mod-tau1-until400"),
              ("e4-plain110-ortho-mod-always", "e4-plain110-ortho-mod-tau1.1-always")]
-    lines.append("| comparison | seeds | mean difference (points) | exact permutation p (two-sided) |")
-    lines.append("|---|---|---|---|")
+    lines = ["| comparison | seeds | mean difference (points) | exact permutation p (two-sided) |",
+             "|---|---|---|---|"]
     for first, second in pairs:
         a, b = (_accuracies(_seeds(base, runs)) for base in (first, second))
         if len(a) < 2 or len(b) < 2:
@@ -608,9 +604,8 @@ def _comparisons(runs: dict[str, dict]) -> list[str]:
 
 def _modulation_table(runs: dict[str, dict]) -> list[str]:
     """Experiment 4: plain-110 with orthonormality, by modulation setting, every seed."""
-    lines = []
-    lines.append("| run | modulation | final test acc per seed (%) | mean (%) | std (points) | spread (points) |")
-    lines.append("|---|---|---|---|---|---|")
+    lines = ["| run | modulation | final test acc per seed (%) | mean (%) | std (points) | spread (points) |",
+             "|---|---|---|---|---|---|"]
     for base, label in PLAIN110_ROWS.items():
         lines.append(f"| {base} | {label} | {_seed_cells(_seeds(base, runs))} |")
     return lines
@@ -618,8 +613,6 @@ def _modulation_table(runs: dict[str, dict]) -> list[str]:
 
 def _table2(runs: dict[str, dict]) -> list[str]:
     """Experiment 3: final test accuracy (%) and final train loss per optimizer and seed, plain-44 and plain-110."""
-    lines = []
-
     def cell(base: str) -> str:
         seeds = _seeds(base, runs)
         if not seeds:
@@ -628,9 +621,9 @@ def _table2(runs: dict[str, dict]) -> list[str]:
         losses = [r["summary"]["final_train_loss"] for r in seeds if r["summary"]["status"] == "completed"]
         return f"{shown} ({' / '.join(f'{x:.3f}' for x in losses)})" if losses else shown
 
-    lines.append("| optimizer | plain-44, 2 epochs: acc % per seed (train loss) "
-                 "| plain-110, 1 epoch: acc % per seed (train loss) |")
-    lines.append("|---|---|---|")
+    lines = ["| optimizer | plain-44, 2 epochs: acc % per seed (train loss) "
+             "| plain-110, 1 epoch: acc % per seed (train loss) |",
+             "|---|---|---|"]
     for opt in (*OPTIMIZERS, "ours"):
         label = "ours (ortho + modulation, SGD)" if opt == "ours" else f"{opt} (msra + L2)"
         lines.append(f"| {label} | {cell(f't2-plain44-{opt}')} | {cell(f't2-plain110-{opt}')} |")
@@ -648,10 +641,9 @@ def _mean_over_seeds(base: str, runs: dict[str, dict]) -> str:
 
 def _depth_table(runs: dict[str, dict]) -> list[str]:
     """Experiment 2: final test accuracy (%) by depth and method, the mean where there are several seeds."""
-    lines = []
     sweep = depth_sweep(runs)
-    lines.append("| depth (budget) | " + " | ".join(sweep) + " |")
-    lines.append("|---" * (len(sweep) + 1) + "|")
+    lines = ["| depth (budget) | " + " | ".join(sweep) + " |",
+             "|---" * (len(sweep) + 1) + "|"]
     for depth, budget in DEPTH_BUDGETS.items():
         cells = (_mean_over_seeds(bases[depth], runs) for bases in sweep.values())
         lines.append(f"| plain-{depth} ({budget}) | " + " | ".join(cells) + " |")
@@ -791,15 +783,14 @@ def leaderboard(runs: dict[str, dict]) -> list[str]:
     0), the time per training step against the baseline's (:func:`step_ratios`: measured side by
     side, since the runs ran at different times on a machine whose speed drifts), and the command.
     Seeds still running are counted beside the others and left out of the statistics."""
-    lines = []
     rows = LEADERBOARD_ROWS
     reference = _accuracies(_seeds(LEADERBOARD_REFERENCE, runs))
     ratios = step_ratios()
     best = best_row(RECIPES["plain44-best"], runs)
     best_accs = _accuracies(_seeds(best[0], runs)) if best else []
-    lines.append("| method | seeds | final test acc (%) | gap to resnet-44 (points) | p against the best | q(first)/q(last) | "
-                 "filter corr. | time per step / baseline | command (seed 0) |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines = ["| method | seeds | final test acc (%) | gap to resnet-44 (points) | p against the best | q(first)/q(last) | "
+             "filter corr. | time per step / baseline | command (seed 0) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for base, label in rows.items():
         seeds = _seeds(base, runs)
         wall = f"{ratios[ROW_METHOD[base]]:.2f}" if ROW_METHOD.get(base) in ratios else "-"

@@ -58,10 +58,10 @@ def test_filled_replaces_each_marked_table_and_names_what_does_not_match(experim
 def test_results_md_holds_the_tables_of_the_committed_runs(experiments):
     """Each generated table in docs/RESULTS.md is what the committed runs give today: after
     `collect`, `tables --write` must follow (this fails until it does)."""
-    text = experiments.RESULTS.read_text()
-    blocks = experiments.table_blocks(experiments._collected())
+    text, runs = experiments.RESULTS.read_text(), experiments._collected()
+    blocks = experiments.table_blocks(runs)
     assert len(blocks) == 12 and experiments.filled(text, blocks) == text
-    best = experiments.best_row(experiments.RECIPES["plain44-best"], experiments._collected())
+    best = experiments.best_row(experiments.RECIPES["plain44-best"], runs)
     recipe = next(line for line in text.splitlines() if line.startswith("| `plain44-best` |"))
     assert recipe.split(" | ")[2] == best[0]
 

@@ -63,8 +63,7 @@ def save_text(path: Path, text: str) -> None:
 
 
 def save_json(path: Path, payload) -> None:
-    text = json.dumps(_finite_json(payload), indent=2, allow_nan=False) + "\n"
-    _replace_from_tmp(Path(path), lambda f: f.write(text.encode()))
+    save_text(path, json.dumps(_finite_json(payload), indent=2, allow_nan=False) + "\n")
 
 
 def load_json(path: Path) -> dict:
