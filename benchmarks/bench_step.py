@@ -1,11 +1,14 @@
 """Cost of orthonormality + modulation in a full SGD training step, against weight decay.
 
 Times one training step (forward, backward, regularizer, SGD update) of a CIFAR plain net in
-the precision ``--precision auto`` picks on this machine (or the one named) and channels_last, for:
+the precision ``--precision auto`` picks on this machine (or the one named) and channels_last, on
+the CPU or (``--device cuda``) a GPU, for:
   l2         SGD(weight_decay=1e-4 on conv/linear weights)       -- the reference
   ortho+mod  OrthonormalRegularizer.add_grad_() + ErrorModulator -- orthomod's way
   ortho      OrthonormalRegularizer.add_grad_() alone
   naive+mod  the penalty as a loss term through autograd + ErrorModulator
+  ortho+mod-host  ortho+mod with the modulation rule on host floats (one device-to-host wait
+             per layer on a GPU; the default there keeps it on the device)
   srip       SRIPRegularizer.add_grad_() (Bansal et al. 2018) in place of weight decay
   conv-ortho ConvOrthogonalityRegularizer.add_grad_() (Wang et al. 2020) in place of weight decay
   ortho+mod@REV  ortho+mod with the ErrorModulator of git revision REV (``--against REV``): an
@@ -16,6 +19,7 @@ VM the time the hypervisor gives to other guests lands in wall time but not in C
 
     python benchmarks/bench_step.py --model plain110 --batch-size 128 --rounds 10 --tau 1
     python benchmarks/bench_step.py --configs l2,ortho+mod --against d9db74f
+    python benchmarks/bench_step.py --device cuda --precision bf16 --configs l2,ortho+mod,ortho
 """
 from __future__ import annotations
 
@@ -34,11 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from orthomod import ErrorModulator, OrthonormalRegularizer, create
-from orthomod.hardware import choose_precision
+from orthomod.hardware import choose_precision, resolve_device
 from orthomod.regularizers import make_regularizer, split_decay_parameters
-
-CPU = torch.device("cpu")
-
 
 def cpu_model() -> str:
     """The CPU's model name (for the record beside every timing)."""
@@ -69,7 +70,7 @@ def modulator_at(revision: str) -> type:
     return module.ErrorModulator
 
 
-def make_step(name: str, base: torch.nn.Module, tau: float, precision):
+def make_step(name: str, base: torch.nn.Module, tau: float, precision, device: torch.device = torch.device("cpu")):
     model = copy.deepcopy(base)
     weights, others = split_decay_parameters(model)
     wd = 1e-4 if name == "l2" else 0.0
@@ -82,18 +83,28 @@ def make_step(name: str, base: torch.nn.Module, tau: float, precision):
     modulator = None
     if "+mod" in name:
         modulator_class = modulator_at(name.split("@", 1)[1]) if "@" in name else ErrorModulator
-        modulator = modulator_class(model, tau=tau)
+        options = {"rule_on_device": False} if name.endswith("-host") else {}
+        modulator = modulator_class(model, tau=tau, **options)
+    scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
 
     def step(x, y):
-        with precision.autocast(CPU):
+        with precision.autocast(device):
             loss = F.cross_entropy(model(x).float(), y)
         if name.startswith("naive"):
             loss = loss + reg.loss()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if scaler is not None:  # fp16 (CUDA): as the trainer does it
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
         if reg is not None and not name.startswith("naive"):
             reg.add_grad_()
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         if modulator is not None:
             modulator.step()
 
@@ -108,19 +119,22 @@ def main() -> None:
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--tau", type=float, default=1.0, help="1 modulates every layer: the costliest case")
     parser.add_argument("--configs", default="l2,ortho+mod,ortho,naive+mod")
-    parser.add_argument("--precision", default="auto", help="auto (what training picks here), fp32 or bf16")
+    parser.add_argument("--precision", default="auto", help="auto (what training picks here), fp32, bf16 or fp16")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (as training picks)")
     parser.add_argument("--against", help="also time ortho+mod with the modulator of this git revision")
     args = parser.parse_args()
     if args.against:
         args.configs += f",ortho+mod@{args.against}"
-    precision = choose_precision(args.precision, CPU)
+    device = resolve_device(args.device)
+    precision = choose_precision(args.precision, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # a GPU step ends when its kernels do
 
     torch.manual_seed(0)
-    base = create(args.model, init="orthonormal").to(memory_format=torch.channels_last)
-    x = torch.randn(args.batch_size, 3, 32, 32).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (args.batch_size,))
+    base = create(args.model, init="orthonormal").to(device, memory_format=torch.channels_last)
+    x = torch.randn(args.batch_size, 3, 32, 32).to(device, memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch_size,)).to(device)
     names = args.configs.split(",")
-    steps = {n: make_step(n, base, args.tau, precision) for n in names}
+    steps = {n: make_step(n, base, args.tau, precision, device) for n in names}
     for n in names:  # warm-up: allocator, oneDNN kernel selection
         for _ in range(2):
             steps[n](x, y)
@@ -128,9 +142,11 @@ def main() -> None:
     cpu_times = {n: [] for n in names}  # CPU seconds of this process (all threads)
     for _ in range(args.rounds):
         for n in names:
+            sync()
             start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(args.steps_per_round):
                 steps[n](x, y)
+            sync()
             times[n].append((time.perf_counter() - start) / args.steps_per_round)
             cpu_times[n].append((time.process_time() - cpu_start) / args.steps_per_round)
     ref = statistics.median(times["l2"])
@@ -138,7 +154,9 @@ def main() -> None:
         "model": args.model, "batch_size": args.batch_size, "rounds": args.rounds, "tau": args.tau,
         "revision": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                    cwd=Path(__file__).resolve().parents[1]).stdout.strip(),
-        "precision": precision.name, "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "precision": precision.name, "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
         "median_step_s": {n: round(statistics.median(t), 4) for n, t in times.items()},
         "ratio_vs_l2": {n: round(statistics.median(t) / ref, 4) for n, t in times.items()},

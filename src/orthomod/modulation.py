@@ -79,7 +79,7 @@ def _root_sum_of_squares(t: torch.Tensor) -> torch.Tensor:
     of them (half the time on 2 cores). The result stays on the device.
     """
     wide = {"dtype": torch.float32} if t.dtype == torch.float16 else {}
-    if t.dim() > 1:
+    if t.dim() > 1 and t.device.type == "cpu":  # a GPU reduces it in one launch
         t = torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())), **wide)
     return torch.linalg.vector_norm(t, **wide)
 
@@ -151,6 +151,8 @@ class ErrorModulator:
         rule_on_device: compute the rule with device tensors (no host sync in the backward
             pass) or with host floats; ``None`` (default): device tensors on accelerators, host
             floats for CPU gradients, where reading a value waits for nothing. Same results.
+            Where a GPU step is bound by kernel launches (small nets on a fast GPU) the host
+            rule is the faster one (docs/PERFORMANCE.md, "On a GPU"): pass ``False`` there.
         filter: which weight layers to modulate (:mod:`orthomod.weights`): a predicate
             ``(name, module) -> bool`` or a list of module types, e.g. ``[nn.Conv2d, nn.Linear]``
             to modulate the classifier too.
@@ -306,21 +308,22 @@ class ErrorModulator:
         on_device = self.rule_on_device if self.rule_on_device is not None else grad.device.type != "cpu"
         if not on_device:
             return self._host_rule(node, reference, float(norm) ** 2 / node.numel, grad)
-        norm = norm.to(torch.float32 if norm.device.type == "mps" else torch.float64)
-        q = norm * norm / node.numel  # the second moment, as on the host
+        # Each op here is a kernel launch on a 0-dim tensor, and launches are what this costs on a
+        # GPU (docs/PERFORMANCE.md, "On a GPU"): the rule is written in as few as it takes.
+        wide = torch.float32 if norm.device.type == "mps" else torch.float64
+        q = norm.to(wide).square_().div_(node.numel)  # the second moment, as on the host
         node.before = q
         if reference is None:
             node.after, node.scale = q, 1.0
             return None
-        ratio = reference / q
-        outside = (ratio > self.tau) | (ratio < 1.0 / self.tau)
-        if self.rule == "consecutive":
-            target = reference
-        else:  # back to the nearest edge of [q^L / tau, q^L * tau]
-            target = reference / ratio.clamp(1.0 / self.tau, self.tau)
-        usable = (q > 0) & torch.isfinite(q)
-        scale = torch.where(outside & usable, torch.sqrt(target / q), torch.ones_like(q))
-        node.after, node.scale = q * scale**2, scale
+        ratio = reference / q  # = target / q for the consecutive rule
+        modulate = (ratio > self.tau) | (ratio < 1.0 / self.tau)
+        modulate &= (q > 0) & (q < math.inf)  # not when q is 0, inf or nan
+        if self.rule == "top":  # back to the nearest edge of [q^L / tau, q^L * tau]
+            ratio = ratio / ratio.clamp(1.0 / self.tau, self.tau)
+        squared = torch.where(modulate, ratio, 1.0)  # the factor squared; 1: inside the band, or q 0/inf/nan
+        scale = squared.sqrt()
+        node.after, node.scale = q * squared, scale
         return grad * scale
 
     def _host_rule(self, node: _Node, reference: float | None, q: float, grad: torch.Tensor) -> torch.Tensor | None:

@@ -332,7 +332,7 @@ class Trainer:
             self._window.update(correct=0, count=0)
         self._checkpoint_step = self.step
         self.wall_time_before = state["wall_time"]
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())  # map_location took it to the run's device with the rest
         if self.world.is_main:
             self.folder.truncate_records(self.step)  # lines after the checkpoint are written again
 
@@ -382,6 +382,7 @@ class Trainer:
                                                       "modulation_rule", "optimizer", "batch_size", "seed")}
                         | {"lr": cfg.learning_rate},
             "device": str(self.device), "precision": self.precision.name, "precision_reason": self.precision.reason,
+            **({"gpu": torch.cuda.get_device_name(self.device)} if self.device.type == "cuda" else {}),
             "channels_last": cfg.channels_last, "torch": torch.__version__, "machine": platform.machine(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "skipped_images": getattr(self.train_loader, "skipped", 0) + getattr(self.test_loader, "skipped", 0),

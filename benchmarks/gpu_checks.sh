@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# What only a GPU can show, in one short run (about 5 minutes on one H100/H200):
+#   1. the CUDA tests (tests/test_cuda.py: no host sync in a modulated step, device rule = host
+#      rule in float64, fp16's scaler before the regularizer, DDP over NCCL, torchrun killed and resumed)
+#   2. the demo with the defaults (auto: bf16 there), then --precision fp16 and fp32: wall time, accuracy
+#   3. bench_step.py on the GPU: the method's cost against weight decay, with the modulation rule
+#      on the device (the default there) and on host floats, plain-44 and plain-110, bf16 and fp32
+#      at batch 128, and plain-110 bf16 at batch 512
+# Usage (repository root; OUT: a folder for the results, default ./gpu-checks):
+#   OUT=/tmp/gpu bash benchmarks/gpu_checks.sh
+# Each part runs on if an earlier one fails; everything printed goes to $OUT/gpu-checks.log.
+set -u
+OUT=${OUT:-gpu-checks}
+mkdir -p "$OUT"; rm -rf /tmp/gpu-runs
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+exec > >(tee "$OUT/gpu-checks.log") 2>&1
+
+echo "== machine $(date -u +%FT%TZ)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0),
+'capability', torch.cuda.get_device_capability(0)); print('cpu', torch.backends.cpu.get_cpu_capability())"
+grep -m1 "model name" /proc/cpuinfo; nproc
+
+echo "== 1. CUDA tests"
+timeout 300 $PY -m pytest -q -rs -s -p no:cacheprovider tests/test_cuda.py
+
+echo "== 2. demo"
+for precision in auto fp16 fp32; do
+    start=$EPOCHREALTIME
+    timeout 120 $PY -m orthomod train --config demo --precision "$precision" --out /tmp/gpu-runs \
+        --name "demo-$precision" --no-progress
+    echo "demo --precision $precision: wall $($PY -c "print(round($EPOCHREALTIME - $start, 1))") s"
+done
+$PY - "$OUT/demo-summaries.json" <<'EOF'
+import json, pathlib, sys
+runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(pathlib.Path("/tmp/gpu-runs").glob("*/summary.json"))}
+pathlib.Path(sys.argv[1]).write_text(json.dumps(runs, indent=2))
+EOF
+
+echo "== 3. step time"
+bench() {  # model precision batch
+    timeout 150 $PY benchmarks/bench_step.py --device cuda --model "$1" --precision "$2" --batch-size "$3" \
+        --configs l2,ortho+mod,ortho+mod-host,ortho --rounds 6 --steps-per-round 5 \
+        > "$OUT/bench-step-$1-$2-b$3.json" && grep -A5 '"median_round_ratio_vs_l2"\|"median_step_s"' \
+        "$OUT/bench-step-$1-$2-b$3.json"
+}
+for model in plain44 plain110; do for precision in bf16 fp32; do bench $model $precision 128; done; done
+bench plain110 bf16 512
+echo "== done $(date -u +%FT%TZ)"
