@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What only a GPU can show, in one short run (about 5 minutes on one H100/H200):
 #   1. the CUDA tests (tests/test_cuda.py: no host sync in a modulated step, device rule = host
-#      rule in float64, fp16's scaler before the regularizer, DDP over NCCL, torchrun killed and resumed)
+#      rule in float64, fp16's scaler before the regularizer, DDP over NCCL, torchrun killed and resumed,
+#      --deterministic runs bit-identical)
 #   2. the demo with the defaults (auto: bf16 there), then --precision fp16 and fp32: wall time, accuracy
 #   3. bench_step.py on the GPU: the method's cost against weight decay, with the modulation rule
 #      on the device (the default there) and on host floats, plain-44 and plain-110, bf16 and fp32

@@ -1,7 +1,7 @@
 """The CUDA paths, where a GPU is (skipped elsewhere; run on a lent GPU by benchmarks/gpu_checks.sh):
 no host sync in a modulated training step, the device rule equal to the host rule, fp16's gradient
-scaler ordered before the regularizer, DistributedDataParallel over NCCL, and a torchrun job killed
-and resumed."""
+scaler ordered before the regularizer, DistributedDataParallel over NCCL, a torchrun job killed
+and resumed, and deterministic runs repeating bit for bit."""
 import copy
 import json
 import math
@@ -154,3 +154,13 @@ def test_ddp_over_nccl_gives_the_gradients_of_the_bare_model_float64(tmp_path):
             assert torch.allclose(b.grad, a.grad, rtol=1e-10, atol=1e-14), name
     finally:
         dist.destroy_process_group()
+
+
+def test_deterministic_gpu_runs_repeat_bit_for_bit(tmp_path):
+    # without it, cuDNN's kernels made two demo runs of the same code differ (docs/PERFORMANCE.md)
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-m", "orthomod", "train", "--config", "demo", "--iterations", "80",
+                        "--deterministic", "on", "--out", str(tmp_path), "--name", name, "--no-progress"],
+                       check=True, capture_output=True, timeout=300)
+    a, b = (load_checkpoint(tmp_path / n / "checkpoint.pt")["model"] for n in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

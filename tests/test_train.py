@@ -178,3 +178,24 @@ def test_shapes_dataset_fixed_across_run_seeds():
     b = dataset_for(TrainConfig(iterations=1, shapes_train=100, shapes_test=20, seed=7))
     c = dataset_for(TrainConfig(iterations=1, shapes_train=100, shapes_test=20, shapes_seed=1))
     assert torch.equal(a.train_images, b.train_images) and not torch.equal(a.train_images, c.train_images)
+
+
+def test_deterministic_kernels_hold_during_the_run_and_are_restored_after(tmp_path, monkeypatch):
+    import orthomod.train as train_module
+
+    seen = []
+    step = train_module.train_step
+
+    def spy(*args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", spy)
+    assert not torch.are_deterministic_algorithms_enabled()
+    summary = Trainer(tiny_config(tmp_path, iterations=3, deterministic=True), progress=False).run()
+    assert summary["status"] == "completed" and seen == [True, True, True]
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["deterministic"] is True
+    seen.clear()
+    Trainer(tiny_config(tmp_path, iterations=2, name="plain"), progress=False).run()
+    assert seen == [False, False]

@@ -96,6 +96,8 @@ class TrainConfig:
     precision: str = _opt("auto", "auto (bf16 where native: AMX/AVX512-BF16 CPUs, GPUs from compute capability "
                                   "8.0; fp16 + grad scaler on older GPUs; else fp32), fp32, bf16 or fp16")
     channels_last: bool = _opt(True, "channels_last memory format on/off")
+    deterministic: bool = _opt(False, "deterministic kernels on/off: GPU runs repeat bit for bit, somewhat slower "
+                                      "(CPU runs repeat already)")
     sync_bn: bool = _opt(False, "distributed runs: BN statistics over the global batch on/off")
     log_every: int = _opt(50, "steps between metrics lines")
     diagnostics_every: int = _opt(100, "steps between diagnostics lines (0: none)")

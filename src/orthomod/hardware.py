@@ -16,6 +16,7 @@ is what keeps small errors from flushing to zero and this project tests it on CU
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,8 @@ import torch
 
 from .errors import OrthomodError
 
-__all__ = ["PRECISIONS", "Precision", "HardwareError", "resolve_device", "choose_precision", "cpu_bf16_feature"]
+__all__ = ["PRECISIONS", "Precision", "HardwareError", "resolve_device", "choose_precision", "cpu_bf16_feature",
+           "deterministic_kernels"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST_DTYPE = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -130,3 +132,28 @@ def choose_precision(requested: str, device: torch.device) -> Precision:
         return Precision("bf16", f"asked for; this CPU ({capability}) has no native bf16: emulated, expect it "
                                  f"many times slower than --precision fp32")
     return Precision(requested, "asked for")
+
+
+@contextlib.contextmanager
+def deterministic_kernels(on: bool = True):
+    """Deterministic kernels inside the block, PyTorch's previous settings after it.
+
+    ``torch.use_deterministic_algorithms`` with ``warn_only`` (an op that has no deterministic
+    version warns, naming itself, rather than stopping the run), cuDNN's deterministic algorithms
+    without autotuning, and cuBLAS's fixed workspace (``CUBLAS_WORKSPACE_CONFIG``, read when the
+    process first uses cuBLAS: enter before that). On a GPU, runs then repeat bit for bit, at some
+    cost in speed; CPU runs of this project repeat already (same threads, same results).
+    """
+    if not on:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]

@@ -38,7 +38,7 @@ from .data import BatchLoader, make_loaders
 from .distributed import World, convert_sync_batchnorm
 from .errors import OrthomodError
 from .files import RunFolder, RunFolderError, RunLock
-from .hardware import Precision, choose_precision, resolve_device
+from .hardware import Precision, choose_precision, deterministic_kernels, resolve_device
 from .layers import dirac_parametrize_
 from .models import create
 from .modulation import ErrorModulator
@@ -444,10 +444,12 @@ class Trainer:
                   f"{self.steps_per_epoch} per epoch"
                   + (f", {self.world.world_size} processes)" if self.world.distributed else ")"), None)
         self._say(f"precision: {self.precision.name} ({self.precision.reason}); channels_last "
-                  f"{'on' if self.config.channels_last else 'off'}; device {self.device}", None)
+                  f"{'on' if self.config.channels_last else 'off'}; device {self.device}"
+                  + ("; deterministic kernels" if self.config.deterministic else ""), None)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return self._train()
+            with deterministic_kernels(self.config.deterministic):
+                return self._train()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
