@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What only a GPU can show, in one short run (about 5 minutes on one H100/H200):
+# What only a GPU can show, in one short run (about 4 minutes on one H100/H200):
 #   1. the CUDA tests (tests/test_cuda.py: no host sync in a modulated step, device rule = host
 #      rule in float64, fp16's scaler before the regularizer, DDP over NCCL, torchrun killed and resumed,
 #      --deterministic runs bit-identical)
@@ -7,12 +7,13 @@
 #   3. bench_step.py on the GPU: the method's cost against weight decay, with the modulation rule
 #      on the device (the default there) and on host floats, plain-44 and plain-110, bf16 and fp32
 #      at batch 128, and plain-110 bf16 at batch 512
+#   4. bench_precision.py on the host CPU pinned to 2 cores (AMX Xeons: fp32 against bf16)
 # Usage (repository root; OUT: a folder for the results, default ./gpu-checks):
 #   OUT=/tmp/gpu bash benchmarks/gpu_checks.sh
 # Each part runs on if an earlier one fails; everything printed goes to $OUT/gpu-checks.log.
 set -u
 OUT=${OUT:-gpu-checks}
-mkdir -p "$OUT"; rm -rf /tmp/gpu-runs
+mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd); rm -rf /tmp/gpu-runs
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 exec > >(tee "$OUT/gpu-checks.log") 2>&1
@@ -48,4 +49,8 @@ bench() {  # model precision batch
 }
 for model in plain44 plain110; do for precision in bf16 fp32; do bench $model $precision 128; done; done
 bench plain110 bf16 512
+echo "== 4. the host CPU, pinned to 2 cores as this project's CPU machines have: fp32 against bf16"
+grep -o -w 'amx_bf16\|avx512_bf16' /proc/cpuinfo | sort | uniq -c
+(cd benchmarks && CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=2 timeout 120 taskset -c 0,1 $PY bench_precision.py \
+    --models plain20,plain44,plain110 --rounds 3 > "$OUT/bench-precision-host-cpu.json"; cat "$OUT/bench-precision-host-cpu.json")
 echo "== done $(date -u +%FT%TZ)"
