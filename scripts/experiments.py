@@ -196,7 +196,7 @@ EXPERIMENTS: dict[str, list[str]] = {
 # ORTHO_COEFF 1e-4 on the same sum/2 penalty, SGD weight decay 1e-4 beside it; docs/METHOD-NOTES.md)
 ISONET = ["--init", "dirac", "--activation", "srelu", "--reg", "conv-ortho", "--reg-coeff", "1e-4",
           "--l2-beside", "1e-4"]
-# The rows without BN (isonet, tat) take lr 0.01, the rest the protocol's 0.1 (same drops): at 0.1
+# The rows without BN (isonet, tat, lsuv) take lr 0.01, the rest the protocol's 0.1 (same drops): at 0.1
 # both diverged within 10 steps, TAT at 0.03 at step 46, in 150-step probes (docs/RESULTS.md,
 # Leaderboard); ISONet's code trains its nets without BN at 0.01.
 LEADERBOARD_METHODS: dict[str, tuple[str, list[str]]] = {
@@ -214,6 +214,9 @@ LEADERBOARD_METHODS: dict[str, tuple[str, list[str]]] = {
     "delta-ortho": ("delta-orthogonal init + orthonormality", ["--init", "delta-orthogonal", "--reg", "ortho"]),
     "tat": ("TAT: transformed leaky ReLU + SUO-delta init, no BN, L2, lr 0.01",
             ["--activation", "tat", "--norm", "none", "--init", "suo-delta", "--reg", "l2", "--lr", "0.01"]),
+    # added 2026-11-26 (Mishkin & Matas 2016; docs/METHOD-NOTES.md, LSUV), after the rows above in the queue
+    "lsuv": ("LSUV: orthonormal init scaled to unit output variance per layer, no BN, L2, lr 0.01",
+             ["--init", "lsuv", "--norm", "none", "--reg", "l2", "--lr", "0.01"]),
 }
 # 150-iteration probes of the rows not yet run when the queue was set (2026-11-26), at the row's
 # setting and at the ones it replaced (RESULTS.md, Leaderboard: why conv-orthogonality takes 1e-4
@@ -221,7 +224,8 @@ LEADERBOARD_METHODS: dict[str, tuple[str, list[str]]] = {
 PROBE_VARIANTS = {"l2": {"": None}, "dirac-param": {"": None}, "srip": {"": None},
                   "conv-ortho": {"-coeff0.1": ("--reg-coeff", "0.1"), "": None},
                   "isonet": {"-lr0.1": ("--lr", "0.1"), "-lr0.03": ("--lr", "0.03"), "": None},
-                  "tat": {"-lr0.1": ("--lr", "0.1"), "-lr0.03": ("--lr", "0.03"), "": None}}
+                  "tat": {"-lr0.1": ("--lr", "0.1"), "-lr0.03": ("--lr", "0.03"), "": None},
+                  "lsuv": {"-lr0.1": ("--lr", "0.1"), "": None}}
 PROBE_OF = {f"lb-probe-{key}{suffix}-s0": (key, change)  # probe -> (row, the setting changed or None)
             for key, variants in PROBE_VARIANTS.items() for suffix, change in variants.items()}
 PROBES = {name: [*C10, "--model", "plain44", "--iterations", "150", "--seed", "0",

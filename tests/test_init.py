@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from orthomod.init import group_slices, init_model_, orthonormal_
+from orthomod.init import group_slices, init_model_, lsuv_, orthonormal_
 from orthomod.models import create
 
 SHAPES = [
@@ -95,3 +95,73 @@ def test_orthonormal_refuses_integer_and_empty_tensors():
     for shape in ((0, 3), (3, 0), (4, 0, 3, 3)):
         with pytest.raises(ValueError, match="cannot orthonormalize an empty weight"):
             orthonormal_(torch.empty(shape))
+
+
+def _output_variances(model, x):
+    """Each weight layer's output variance on x, read by hooks of the test's own."""
+    seen = {}
+
+    def record(name, output):
+        seen.setdefault(name, float(output.var()))
+
+    handles = [m.register_forward_hook(lambda m, i, o, name=name: record(name, o))
+               for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def test_lsuv_gives_every_layer_unit_output_variance_and_only_rescales():
+    torch.manual_seed(0)
+    model = create("plain8", init="orthonormal", norm="none").double()
+    x = 7.0 * torch.randn(32, 3, 32, 32, dtype=torch.float64)  # far from unit variance at the input
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() > 1}
+    assert any(abs(v - 1) > 0.5 for v in _output_variances(model, x).values())
+    returned = lsuv_(model, x, tol=0.05)
+    variances = _output_variances(model.train(), x)
+    assert len(returned) == len(variances) == 8
+    assert all(abs(v - 1) < 0.05 for v in variances.values()), variances
+    assert returned == pytest.approx(list(variances.values()), rel=1e-9)  # forward order
+    for name, p in model.named_parameters():
+        if p.dim() > 1:  # a positive multiple of the orthonormal weight: the direction is kept
+            cosine = torch.nn.functional.cosine_similarity(p.detach().flatten(), before[name].flatten(), dim=0)
+            assert float(cosine) == pytest.approx(1.0, abs=1e-12) and not torch.equal(p, before[name])
+
+
+def test_lsuv_leaves_bn_statistics_and_the_mode_as_they_were():
+    torch.manual_seed(0)
+    model = create("plain8", init="orthonormal").eval()
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    lsuv_(model, torch.randn(16, 3, 32, 32))
+    assert not model.training
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+
+
+def test_lsuv_refuses_what_it_cannot_do():
+    model = create("plain8", init="orthonormal")
+    with pytest.raises(TypeError, match="floating-point batch"):
+        lsuv_(model, torch.zeros(4, 3, 32, 32, dtype=torch.long))
+    with pytest.raises(ValueError, match="tol > 0 and max_iter >= 1"):
+        lsuv_(model, torch.randn(4, 3, 32, 32), max_iter=0)
+    with pytest.raises(ValueError, match="needs data"):
+        init_model_(model, "lsuv")
+    dead = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    nn.init.zeros_(dead[0].weight), nn.init.zeros_(dead[0].bias)
+    with pytest.raises(ValueError, match="layer '0' has output variance 0.0"):
+        lsuv_(dead, torch.randn(4, 3, 8, 8))
+    unused = nn.ModuleDict({"used": nn.Linear(3, 3), "spare": nn.Linear(3, 3)})
+    unused.forward = lambda x: unused["used"](x)
+    with pytest.raises(ValueError, match="never reaches weight layer"):
+        lsuv_(unused, torch.randn(4, 3))
+
+
+def test_lsuv_warns_naming_a_layer_it_could_not_settle():
+    # biases it does not scale spread the outputs by more than any weight scale can take back
+    model = nn.Sequential(nn.Linear(5, 5))
+    with torch.no_grad():
+        model[0].bias.copy_(10.0 * torch.arange(5.0))
+    with pytest.warns(UserWarning, match=r"still outside 1 \+- 0.1 after 3 scalings: 0 \("):
+        variances = lsuv_(model, torch.randn(64, 5), max_iter=3)
+    assert variances[0] > 100

@@ -245,6 +245,7 @@ def test_every_regularizer_shares_the_interface():
     ["--init", "dirac", "--activation", "srelu", "--reg", "conv-ortho", "--modulation", "on"],
     ["--parametrization", "dirac", "--reg", "l2", "--modulation", "on"],
     ["--init", "orthonormal", "--reg", "srip"],
+    ["--init", "lsuv", "--norm", "none", "--lr", "0.01"],
 ])
 def test_combinations_train_and_resume(tmp_path, flags, monkeypatch):
     toml = tmp_path / "t.toml"

@@ -199,3 +199,17 @@ def test_deterministic_kernels_hold_during_the_run_and_are_restored_after(tmp_pa
     seen.clear()
     Trainer(tiny_config(tmp_path, iterations=2, name="plain"), progress=False).run()
     assert seen == [False, False]
+
+
+def test_init_lsuv_starts_from_unit_output_variance_on_the_first_batch(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, init="lsuv", norm="none", iterations=1), progress=False)
+    x, _ = next(iter(trainer.train_loader.epoch(0, 0, first_step=0)))
+    variances = []
+    hooks = [m.register_forward_hook(lambda m, i, o: variances.append(float(o.var())))
+             for m in trainer.model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        trainer.model(x)
+    for h in hooks:
+        h.remove()
+    assert len(variances) == 8 and all(abs(v - 1) < 0.1 for v in variances), variances
+    assert trainer.run()["status"] == "completed"

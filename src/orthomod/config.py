@@ -18,7 +18,7 @@ from pathlib import Path
 from .data import DATASETS
 from .errors import OrthomodError
 from .hardware import PRECISIONS
-from .init import INIT_SCHEMES
+from .init import DATA_INIT_SCHEMES, INIT_SCHEMES
 from .models import ACTIVATIONS, NORMS, parse_model_name
 from .modulation import MODULATION_RULES
 from .regularizers import DEFAULT_COEFF, REGULARIZERS
@@ -76,7 +76,8 @@ class TrainConfig:
     lr_decay: float = _opt(0.1, "factor of each lr drop")
     warmup_steps: int = _opt(0, "linear lr warm-up from lr/10 over this many steps")
     # the method
-    init: str = _opt("msra", "msra, orthonormal, delta-orthogonal, dirac, suo-delta (TAT's) or default")
+    init: str = _opt("msra", "msra, orthonormal, delta-orthogonal, dirac, suo-delta (TAT's), lsuv (orthonormal, "
+                             "then unit output variance per layer on the first batch) or default")
     reg: str = _opt("l2", "l2 (weight decay), ortho (the paper's orthonormality), srip, conv-ortho or none")
     reg_coeff: float | None = _opt(None, "weight decay / lambda (default per reg: l2, ortho 1e-4; srip 1e-2; "
                                          "conv-ortho 1e-4)")
@@ -119,7 +120,8 @@ class TrainConfig:
                               "use --out for the parent folder")
         choices = {
             "dataset": DATASETS, "augment": ("flip", "flip-crop", "none"), "normalize": ("pixel", "channel"),
-            "optimizer": OPTIMIZERS, "schedule": ("step", "cosine", "constant"), "init": INIT_SCHEMES,
+            "optimizer": OPTIMIZERS, "schedule": ("step", "cosine", "constant"),
+            "init": INIT_SCHEMES + DATA_INIT_SCHEMES,
             "reg": ("l2", *REGULARIZERS, "none"), "modulation_rule": MODULATION_RULES,
             "on_bad_image": ("skip", "error"), "precision": PRECISIONS, "activation": ACTIVATIONS, "norm": NORMS,
             "parametrization": ("none", "dirac"),

@@ -13,6 +13,9 @@ orthonormal on its own.
 """
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 from torch import nn
 
@@ -20,9 +23,10 @@ from .weights import LayerFilter, filter_matrices, geometry, is_weight_layer, pl
     weight_layers
 
 __all__ = ["orthonormal_", "delta_orthogonal_", "dirac_delta", "group_slices", "check_weight", "is_weight_layer",
-           "init_model_", "INIT_SCHEMES"]
+           "init_model_", "lsuv_", "INIT_SCHEMES", "DATA_INIT_SCHEMES"]
 
 INIT_SCHEMES = ("orthonormal", "msra", "default", "delta-orthogonal", "dirac", "suo-delta")
+DATA_INIT_SCHEMES = ("lsuv",)  # need a batch of data: orthonormal init, then lsuv_ (the trainer does both)
 
 
 def group_slices(f_out: int, f_in: int) -> list[slice]:
@@ -164,6 +168,9 @@ def init_model_(model: nn.Module, scheme: str = "msra", generator: torch.Generat
     cannot initialize (an even kernel under delta-orthogonal or dirac, a grouped conv, a
     parametrized weight) raises a ``ValueError`` that names it.
     """
+    if scheme in DATA_INIT_SCHEMES:
+        raise ValueError(f"init {scheme!r} needs data: init_model_(model, 'orthonormal'), then "
+                         f"lsuv_(model, a_batch_of_inputs)")
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown init scheme {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
     if scheme == "suo-delta":  # DKS/TAT's init, through the optional dks package
@@ -191,6 +198,91 @@ def init_model_(model: nn.Module, scheme: str = "msra", generator: torch.Generat
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.reset_parameters()
     return model
+
+
+class _Measured(Exception):
+    """Raised by lsuv_'s hook once the layer it calibrates has run: the rest of the pass is not needed."""
+
+
+@torch.no_grad()
+def lsuv_(model: nn.Module, x: torch.Tensor, tol: float = 0.1, max_iter: int = 10,
+          filter: LayerFilter = None) -> list[float]:
+    """Layer-sequential unit variance (Mishkin & Matas 2016; docs/METHOD-NOTES.md, LSUV): scale
+    each weight layer of ``model`` (:mod:`orthomod.weights`; ``filter`` narrows them), in the
+    order they run on ``x``, by ``1 / sqrt(Var)`` of its output over the batch until that
+    variance is within ``tol`` of 1, at most ``max_iter`` times per layer. Only the scale of each
+    weight changes (start from orthonormal init, as the paper does); biases are left alone.
+
+    The passes run in training mode (BN on batch statistics, as training starts); the model's
+    mode and every buffer (BN's running statistics) are restored after. Returns each calibrated
+    layer's output variance at the end, in forward order; a layer still outside the tolerance
+    after ``max_iter`` scalings is named in a warning, a layer ``x`` never reaches in an error.
+
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+        >>> variances = lsuv_(init_model_(net, "orthonormal"), 5 * torch.randn(16, 3, 12, 12))
+        >>> all(abs(v - 1) < 0.1 for v in variances)
+        True
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"lsuv_ needs a floating-point batch of inputs, got {type(x).__name__}"
+                        + (f" of {x.dtype}" if isinstance(x, torch.Tensor) else ""))
+    if not (tol > 0 and max_iter >= 1):
+        raise ValueError(f"lsuv_ needs tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
+    named = weight_layers(model, filter, user="lsuv_")
+    if not named:
+        raise ValueError("lsuv_ found no weight layers in the model" + (" that the filter accepts" if filter else ""))
+    weights = {id(m): plain_weight(name, m, "lsuv_") for name, m in named}
+    order: list[nn.Module] = []
+    target: list[nn.Module | None] = [None]
+    variance: list[float] = [math.nan]
+
+    def hook(module, inputs, output):
+        if module not in order:
+            order.append(module)
+        if module is target[0]:
+            out = output.detach()
+            variance[0] = float(out.to(torch.promote_types(out.dtype, torch.float32)).var())  # bf16 in float32
+            raise _Measured
+
+    was_training = model.training
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    handles = [m.register_forward_hook(hook) for _, m in named]
+    try:
+        model.train()
+        model(x)  # the forward order
+        missing = [name for name, m in named if m not in order]
+        if missing:
+            raise ValueError(f"lsuv_: the batch never reaches weight layer(s) {', '.join(missing)}; pass filter= "
+                             "to leave them out")
+        names = {id(m): name for name, m in named}
+        result, unsettled = [], []
+        for layer in order:
+            target[0] = layer
+            for i in range(max_iter + 1):
+                try:
+                    model(x)
+                except _Measured:
+                    pass
+                v = variance[0]
+                if not (v > 0 and math.isfinite(v)):
+                    raise ValueError(f"lsuv_: layer {names[id(layer)]!r} has output variance {v} on this batch: "
+                                     "nothing to scale (a dead or diverging layer)")
+                if abs(v - 1) < tol or i == max_iter:
+                    break
+                weights[id(layer)].mul_(1 / math.sqrt(v))
+            result.append(v)
+            if abs(v - 1) >= tol:
+                unsettled.append(f"{names[id(layer)]} ({v:.3g})")
+        if unsettled:
+            warnings.warn(f"lsuv_: output variance still outside 1 +- {tol} after {max_iter} scalings: "
+                          f"{', '.join(unsettled)}", stacklevel=2)
+        return result
+    finally:
+        for h in handles:
+            h.remove()
+        for b, saved in buffers:
+            b.copy_(saved)
+        model.train(was_training)
 
 
 def _init_identity_like(name: str, conv: nn.Module, scheme: str, generator: torch.Generator | None) -> None:

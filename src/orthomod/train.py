@@ -39,6 +39,7 @@ from .distributed import World, convert_sync_batchnorm
 from .errors import OrthomodError
 from .files import RunFolder, RunFolderError, RunLock
 from .hardware import Precision, choose_precision, deterministic_kernels, resolve_device
+from .init import DATA_INIT_SCHEMES, lsuv_
 from .layers import dirac_parametrize_
 from .models import create
 from .modulation import ErrorModulator
@@ -283,10 +284,17 @@ class Trainer:
                                                                          world.world_size)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.iterations or max(1, round(cfg.epochs * self.steps_per_epoch))
-        model = build_model(cfg, len(self.classes), init=cfg.init)
+        data_init = cfg.init in DATA_INIT_SCHEMES  # lsuv: orthonormal, then scaled on the first batch
+        model = build_model(cfg, len(self.classes), init="orthonormal" if data_init else cfg.init)
         if cfg.sync_bn:
             model = convert_sync_batchnorm(model)
         model = model.to(self.device)
+        if data_init and not self.resume:  # a resumed run loads its weights
+            x, _ = next(iter(self.train_loader.epoch(0, 0, first_step=0)))
+            try:
+                lsuv_(model, x)
+            except ValueError as exc:
+                raise RunError(f"--init {cfg.init}: {exc}") from None
         self.model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
         self.network = self.model  # what the forward pass calls: the model, or its DDP wrapper
         if world.distributed:
