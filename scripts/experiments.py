@@ -526,6 +526,9 @@ def _seeds(base: str, runs: dict[str, dict]) -> list[dict]:
     return [runs[n] for n in sorted(runs) if _base(n) == base]
 
 
+UNFINISHED = ("running", "interrupted")  # statuses of a run that `run` continues from its checkpoint
+
+
 def _accuracies(seeds: list[dict]) -> list[float]:
     """Final test accuracies of the runs that completed."""
     return [r["summary"]["final_test_acc"] for r in seeds if r["summary"]["status"] == "completed"]
@@ -786,7 +789,8 @@ def leaderboard(runs: dict[str, dict]) -> list[str]:
     more, all completed), Fig. 3's moment ratio and Fig. 2's filter correlation at the end (seed
     0), the time per training step against the baseline's (:func:`step_ratios`: measured side by
     side, since the runs ran at different times on a machine whose speed drifts), and the command.
-    Seeds still running are counted beside the others and left out of the statistics."""
+    Seeds not finished (running, or interrupted and due to resume) are counted beside the others
+    and left out of the statistics."""
     rows = LEADERBOARD_ROWS
     reference = _accuracies(_seeds(LEADERBOARD_REFERENCE, runs))
     ratios = step_ratios()
@@ -803,8 +807,9 @@ def leaderboard(runs: dict[str, dict]) -> list[str]:
                          f"`orthomod train {' '.join(EXPERIMENTS[base + '-s0'])}` |")
             continue
         first = seeds[0]
-        ended = [r for r in seeds if r["summary"]["status"] != "running"]  # a seed under way is counted aside
-        busy = "" if not ended or len(ended) == len(seeds) else f" (+{len(seeds) - len(ended)} running)"
+        # a seed under way (running, or interrupted by a queue's restart and resumed by it) is counted aside
+        ended = [r for r in seeds if r["summary"]["status"] not in UNFINISHED]
+        busy = "" if not ended or len(ended) == len(seeds) else f" (+{len(seeds) - len(ended)} unfinished)"
         seeds = ended or seeds
         accs = _accuracies(seeds)
         if accs and len(accs) == len(seeds):

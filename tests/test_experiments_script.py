@@ -211,7 +211,8 @@ def test_leaderboard_gives_the_permutation_p_against_the_best_row(experiments, m
     monkeypatch.setattr(experiments, "RECIPES", {"plain44-best": ["a", "b", "c"]})
     monkeypatch.setattr(experiments, "EXPERIMENTS", {"a-s0": [], "b-s0": [], "c-s0": [], "r-s0": []})
     runs = _runs(a_s0=0.70, a_s1=0.71, a_s2=0.72, b_s0=0.60, b_s1=0.61, b_s2=0.62, c_s0=0.65, r_s0=0.80, r_s1=0.81)
-    runs["r-s2"] = {"summary": {"status": "running", "final_test_acc": 0.10}}  # a seed under way: counted aside
+    runs["r-s2"] = {"summary": {"status": "running", "final_test_acc": 0.10}}  # seeds under way: counted aside
+    runs["r-s3"] = {"summary": {"status": "interrupted", "final_test_acc": None}}  # stopped, to be resumed
     for run in runs.values():
         run.update(probes=[], probe=None, command="orthomod train")
         run["summary"]["wall_time_s"] = 1.0
@@ -220,7 +221,7 @@ def test_leaderboard_gives_the_permutation_p_against_the_best_row(experiments, m
     # b is fully below a, 3 against 3: 2 of the 20 splits are as extreme; c has one seed; r is 2 against 3: 1 of 10
     assert {row: cells[4] for row, cells in lines.items()} == {"row a": "the best", "row b": "0.100", "row c": "-",
                                                                "resnet": "0.100"}
-    assert lines["resnet"][1:3] == ["2 (+1 running)", "80.50 ± 0.71"]
+    assert lines["resnet"][1:3] == ["2 (+2 unfinished)", "80.50 ± 0.71"]
 
 
 def test_leaderboard_time_column_is_the_side_by_side_benchmark(experiments, monkeypatch, tmp_path):
