@@ -33,7 +33,11 @@ RUNS = ROOT / "runs" / "paper"
 COLLECTED = ROOT / "docs" / "results" / "runs"
 RESULTS = ROOT / "docs" / "RESULTS.md"
 # each leaderboard row's step time against the baseline's (benchmarks/bench_rows.py, AMD EPYC, fp32)
-ROW_TIMES = ROOT / "docs" / "benchmarks" / "2026-11-26-bench-rows-plain44-amd-epyc-avx2.json"
+# benchmarks/bench_rows.py's raw outputs, each row paired with the baseline in its own run; a later
+# file's row replaces an earlier one's (the LSUV row was added after the first run)
+ROW_TIMES = tuple(ROOT / "docs" / "benchmarks" / name for name in
+                  ("2026-11-26-bench-rows-plain44-amd-epyc-avx2.json",
+                   "2026-11-26-bench-rows-plain44-lsuv-amd-epyc-avx2.json"))
 
 BASE = ["--no-progress", "--log-every", "50", "--diagnostics-every", "100"]
 C10 = ["--dataset", "cifar10"]
@@ -774,13 +778,15 @@ def _late_ratio(run: dict) -> str:
     return f"{ratios[len(ratios) // 2]:.3g}"
 
 
-def step_ratios(path: Path | None = None) -> dict[str, float]:
+def step_ratios(*paths: Path) -> dict[str, float]:
     """Method key -> its training step's time over the baseline's, from benchmarks/bench_rows.py's
-    output (``ROW_TIMES`` unless ``path``; interleaved in one process; empty where not measured)."""
-    path = path or ROW_TIMES
-    if not path.exists():
-        return {}
-    return {key: row["ratio_to_l2"] for key, row in json.loads(path.read_text())["rows"].items()}
+    outputs (``ROW_TIMES`` unless ``paths``; each interleaved in one process, a later file's rows
+    replacing an earlier one's; empty where not measured)."""
+    ratios = {}
+    for path in paths or ROW_TIMES:
+        if path.exists():
+            ratios |= {key: row["ratio_to_l2"] for key, row in json.loads(path.read_text())["rows"].items()}
+    return ratios
 
 
 def leaderboard(runs: dict[str, dict]) -> list[str]:

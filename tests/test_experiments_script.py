@@ -225,9 +225,10 @@ def test_leaderboard_gives_the_permutation_p_against_the_best_row(experiments, m
 
 
 def test_leaderboard_time_column_is_the_side_by_side_benchmark(experiments, monkeypatch, tmp_path):
-    times = tmp_path / "bench-rows.json"
-    times.write_text(json.dumps({"rows": {"l2": {"ratio_to_l2": 1.0}, "m": {"ratio_to_l2": 1.234}}}))
-    monkeypatch.setattr(experiments, "ROW_TIMES", times)
+    times, later = tmp_path / "bench-rows.json", tmp_path / "bench-rows-later.json"
+    times.write_text(json.dumps({"rows": {"l2": {"ratio_to_l2": 1.0}, "m": {"ratio_to_l2": 9.9}}}))
+    later.write_text(json.dumps({"rows": {"l2": {"ratio_to_l2": 1.0}, "m": {"ratio_to_l2": 1.234}}}))
+    monkeypatch.setattr(experiments, "ROW_TIMES", (times, later, tmp_path / "absent.json"))
     monkeypatch.setattr(experiments, "LEADERBOARD_ROWS", {"a": "row a", "b": "row b", "n": "row n"})
     monkeypatch.setattr(experiments, "ROW_METHOD", {"a": "m", "b": "l2", "n": "unmeasured"})
     monkeypatch.setattr(experiments, "RECIPES", {"plain44-best": ["a", "b"]})
@@ -235,7 +236,8 @@ def test_leaderboard_time_column_is_the_side_by_side_benchmark(experiments, monk
     runs = _runs(a_s0=0.70, b_s0=0.60)
     for run in runs.values():
         run.update(probes=[], probe=None, command="orthomod train")
-    assert experiments.step_ratios(times) == {"l2": 1.0, "m": 1.234}
+    assert experiments.step_ratios(times) == {"l2": 1.0, "m": 9.9}
+    assert experiments.step_ratios() == {"l2": 1.0, "m": 1.234}  # the later measurement of a row wins
     assert experiments.step_ratios(tmp_path / "absent.json") == {}
     cells = {line.split(" | ")[0][2:]: line.split(" | ")[7] for line in experiments.leaderboard(runs)
              if line.startswith("| row")}
