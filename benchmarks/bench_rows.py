@@ -27,8 +27,8 @@ import torch
 
 from orthomod.cli import train_config
 from orthomod.hardware import choose_precision
-from orthomod.init import DATA_INIT_SCHEMES, lsuv_
-from orthomod.train import build_model, build_modulator, build_optimizer, build_regularizer, train_step
+from orthomod.train import build_model, build_modulator, build_optimizer, build_regularizer, init_from_data_, \
+    train_step
 
 from bench_step import cpu_model, paired_ratio
 
@@ -48,10 +48,8 @@ def make_step(flags: list[str], model_name: str, x: torch.Tensor, y: torch.Tenso
     """One training step of the row ``flags`` describe, as the trainer takes it."""
     config = train_config(["--dataset", "cifar10", "--model", model_name, "--iterations", "1", *flags])
     torch.manual_seed(0)
-    data_init = config.init in DATA_INIT_SCHEMES  # as the trainer does: orthonormal, then lsuv_ on a batch
-    model = build_model(config, 10, init="orthonormal" if data_init else config.init)
-    if data_init:
-        lsuv_(model, x)
+    model = build_model(config, 10, init=config.init)
+    init_from_data_(config, model, lambda: x)  # LSUV's scaling, on the benchmark's batch
     model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model)
     for group in optimizer.param_groups:  # the same arithmetic at any lr; a small one keeps the weights sane

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_config
+from test_distributed import _launcher  # torchrun on a free rendezvous port
 from orthomod import ErrorModulator, OrthonormalRegularizer, create
 from orthomod.files import load_checkpoint
 from orthomod.hardware import Precision, choose_precision
@@ -102,8 +103,7 @@ def test_fp16_run_with_the_method_trains_and_records_its_precision(tmp_path):
 
 
 def _torchrun(run_folder_args, env):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
-           "--master_port", "29517", "-m", "orthomod", "train", "--no-progress", *run_folder_args]
+    cmd = [*_launcher(1), "-m", "orthomod", "train", "--no-progress", *run_folder_args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
 

@@ -54,7 +54,11 @@ class RunError(OrthomodError):
 
 def build_model(config: TrainConfig, num_classes: int | None, init: str | None = None) -> nn.Module:
     """The config's network: architecture, activation, norm and parametrization; ``init`` is a
-    scheme of :func:`orthomod.init.init_model_` (None: PyTorch's, for weights about to be loaded)."""
+    scheme of :func:`orthomod.init.init_model_` (None: PyTorch's, for weights about to be loaded)
+    or of ``DATA_INIT_SCHEMES``, whose data-free start (orthonormal) is built here and finished by
+    :func:`init_from_data_`."""
+    if init in DATA_INIT_SCHEMES:
+        init = "orthonormal"  # LSUV's start
     try:
         model = create(config.model, num_classes=num_classes, init=init, activation=config.activation,
                        norm=config.norm)
@@ -63,6 +67,18 @@ def build_model(config: TrainConfig, num_classes: int | None, init: str | None =
     except (ValueError, ImportError) as exc:  # a layer an option cannot handle, or dks missing
         raise RunError(f"cannot build {config.model}: {exc}") from None
     return model
+
+
+def init_from_data_(config: TrainConfig, model: nn.Module, batch) -> None:
+    """The data-dependent part of ``config.init`` on a model :func:`build_model` has just built:
+    :func:`orthomod.init.lsuv_` on ``batch()`` for ``lsuv`` (``batch`` is called only then);
+    nothing for the other schemes."""
+    if config.init not in DATA_INIT_SCHEMES:
+        return
+    try:
+        lsuv_(model, batch())
+    except ValueError as exc:
+        raise RunError(f"--init {config.init}: {exc}") from None
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -284,17 +300,12 @@ class Trainer:
                                                                          world.world_size)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.iterations or max(1, round(cfg.epochs * self.steps_per_epoch))
-        data_init = cfg.init in DATA_INIT_SCHEMES  # lsuv: orthonormal, then scaled on the first batch
-        model = build_model(cfg, len(self.classes), init="orthonormal" if data_init else cfg.init)
+        model = build_model(cfg, len(self.classes), init=cfg.init)
         if cfg.sync_bn:
             model = convert_sync_batchnorm(model)
         model = model.to(self.device)
-        if data_init and not self.resume:  # a resumed run loads its weights
-            x, _ = next(iter(self.train_loader.epoch(0, 0, first_step=0)))
-            try:
-                lsuv_(model, x)
-            except ValueError as exc:
-                raise RunError(f"--init {cfg.init}: {exc}") from None
+        if not self.resume:  # a resumed run loads its weights
+            init_from_data_(cfg, model, lambda: next(iter(self.train_loader.epoch(0, 0, first_step=0)))[0])
         self.model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
         self.network = self.model  # what the forward pass calls: the model, or its DDP wrapper
         if world.distributed:
