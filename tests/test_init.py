@@ -130,6 +130,18 @@ def test_lsuv_gives_every_layer_unit_output_variance_and_only_rescales():
             assert float(cosine) == pytest.approx(1.0, abs=1e-12) and not torch.equal(p, before[name])
 
 
+def test_lsuv_measures_a_layer_run_twice_at_its_first_call():
+    torch.manual_seed(0)
+    shared = nn.Linear(6, 6)
+    model = nn.Sequential(shared, nn.Tanh(), shared)  # one weight, two calls
+    x = 5.0 * torch.randn(256, 6, dtype=torch.float32)
+    (variance,) = lsuv_(model, x, tol=0.02)
+    with torch.no_grad():
+        first, second = float(shared(x).var()), float(model(x).var())  # read by the test itself
+    assert variance == pytest.approx(first, rel=1e-6) and abs(first - 1) < 0.02
+    assert abs(second - first) > 0.02  # the second call is not what was calibrated
+
+
 def test_lsuv_leaves_bn_statistics_and_the_mode_as_they_were():
     torch.manual_seed(0)
     model = create("plain8", init="orthonormal").eval()
