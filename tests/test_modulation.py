@@ -155,6 +155,8 @@ def test_state_dict_roundtrip_and_validation():
     chain = _chain()
     a = ErrorModulator(chain, until_step=5)
     for _ in range(3):
+        with torch.no_grad():
+            chain(torch.randn(2, C, 5, 5, dtype=torch.float64))  # one iteration's pass
         a.step()
     a.remove()  # one modulator per model at a time
     b = ErrorModulator(chain, tau=2.0, until_step=9, rule="top")

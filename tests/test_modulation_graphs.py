@@ -354,3 +354,51 @@ def test_filter_chooses_the_layers():
         ErrorModulator(model, filter=lambda name, m: False)
     with pytest.raises(ValueError, match="filter names BatchNorm2d, which is not a weight layer"):
         ErrorModulator(model, filter=[nn.BatchNorm2d])
+
+
+def _compiled_backward(model, new_backward):
+    torch._dynamo.reset()  # compiled code of the same class from elsewhere would skip this model's hooks
+    _one_backward(torch.compile(model, backend="aot_eager"), new_backward)
+
+
+def test_a_model_compiled_after_the_modulator_is_attached_is_modulated_exactly():
+    torch.manual_seed(0)
+    # calls: 0 stem, 1 a, 2 b (identity shortcut around a and b)
+    model = _scaled(Net(Block(6, 6)), [1, 3, 0.3])
+    _compare(model, _compiled_backward, {0: [1], 1: [2]}, tau=1.0)
+
+
+def test_step_refuses_an_iteration_in_which_no_modulated_layer_ran():
+    torch.manual_seed(0)
+    model = _scaled(Net(Block(6, 6)), [1, 3, 0.3])
+    modulator = ErrorModulator(model)
+    modulator.step()  # the first call may come before any pass (a loop that steps first)
+    _one_backward(model, lambda: None)
+    modulator.step()
+    with pytest.raises(RuntimeError, match=r"none of the modulated layers ran since the last step\(\)"):
+        modulator.step()  # stepped twice
+    modulator.remove()
+    with ErrorModulator(model, until_step=0) as idle:  # neither modulating nor monitoring: nothing to miss
+        idle.step(), idle.step()
+
+
+def test_a_model_compiled_before_the_modulator_is_attached_is_refused_at_step():
+    # torch.compile does not see module hooks added after compiling (dynamo skips guards on
+    # them): the compiled model runs without the modulator's hooks and its gradients are not
+    # modulated. step() says so instead of letting it train silently unmodulated.
+    torch.manual_seed(0)
+    model = _scaled(Net(Block(6, 6)), [1, 3, 0.3])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    _one_backward(compiled, lambda: None)
+    unmodulated = _grads(model)
+    modulator = ErrorModulator(model)
+    model.zero_grad()
+    _one_backward(compiled, lambda: None)
+    assert all(torch.equal(a, b) for a, b in zip(_grads(model), unmodulated))  # the hooks did not run
+    modulator.step()
+    _one_backward(compiled, lambda: None)
+    with pytest.raises(RuntimeError, match="compiled before the modulator was attached"):
+        modulator.step()
+    modulator.remove()
+    torch._dynamo.reset()

@@ -24,6 +24,13 @@ with no modulated node above them). A node none of whose upper nodes took part i
 backward pass (``loss.backward()``, ``torch.autograd.grad``, each call on its own) is a top
 node and is left alone. State belongs to the pass and the backward call it came from.
 
+``torch.compile``: attach the modulator before the model is compiled. Compiled code does not
+see module hooks added after it was compiled (dynamo's ``skip_nnmodule_hook_guards``, on by
+default; this holds for any compiled instance of the same class in the process), so the
+modulator would see nothing and gradients would come out unmodulated: :meth:`step` raises when
+no modulated layer ran since the previous call. Attached first, each modulated layer's hook
+splits the compiled graph and runs as written (exact; tested with the ``aot_eager`` backend).
+
 Activation checkpointing: ``torch.utils.checkpoint(..., use_reentrant=False)`` is followed
 exactly (its recomputation, run inside the backward pass, is recognised and ignored); the
 reentrant variant recomputes in a separate backward the modulator cannot see into, and a
@@ -160,7 +167,10 @@ class ErrorModulator:
     After each backward pass, :attr:`moments_before`, :attr:`moments_after` (per layer, forward
     order) and :attr:`scales` (the factor applied to each layer's error, 1.0 when untouched)
     describe it; :attr:`scaled` says which layers were modulated. The forward pass is unchanged.
-    Call :meth:`step` once per iteration: ``until_step`` counts those calls.
+    Call :meth:`step` once per iteration: ``until_step`` counts those calls. From the second
+    call on, :meth:`step` raises if none of the modulated layers ran (with or without
+    gradients) since the call before, while modulating or monitoring: their hooks were skipped
+    (a model compiled before the modulator was attached) or it was stepped twice.
     """
 
     def __init__(
@@ -177,6 +187,8 @@ class ErrorModulator:
         self.monitor = monitor
         self.rule_on_device = rule_on_device
         self.step_count = 0
+        self._runs = 0  # calls of the modulated layers since the last step()
+        self._stepped = False
         named = weight_layers(model, filter, default=CONV_TYPES + CONV_TRANSPOSE_TYPES, user="ErrorModulator")
         if not named:
             raise ValueError("ErrorModulator found no conv layers in the model" +
@@ -216,7 +228,17 @@ class ErrorModulator:
         return self.until_step is None or self.step_count < self.until_step
 
     def step(self) -> None:
-        """Count one training iteration (call once per optimizer step)."""
+        """Count one training iteration (call once per optimizer step).
+
+        Raises ``RuntimeError`` if, since the previous call, none of the modulated layers ran
+        while the modulator was modulating or monitoring (see the class docstring)."""
+        if self._stepped and self._runs == 0 and (self.active or self.monitor):
+            raise RuntimeError(
+                "ErrorModulator.step(): none of the modulated layers ran since the last step(), so no error was "
+                "modulated. If the model is compiled, it was compiled before the modulator was attached and the "
+                "compiled code skips hooks added later: attach the modulator first (or call torch._dynamo.reset() "
+                "after attaching it). Otherwise call step() once per iteration that runs the model")
+        self._stepped, self._runs = True, 0
         self.step_count += 1
 
     def state_dict(self) -> dict:
@@ -233,6 +255,7 @@ class ErrorModulator:
 
     # -- hooks --------------------------------------------------------------------------------
     def _forward_hook(self, layer: nn.Module, inputs, output) -> None:
+        self._runs += 1
         if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
             return
         if _backward_task() != -1:  # a forward inside a backward pass: checkpoint's recomputation
