@@ -186,6 +186,28 @@ def test_filter_leaves_the_parametrized_layer_out_and_the_modulator_takes_it():
     assert net[2].parametrizations.weight.original1.grad is not None
 
 
+def _lazy():
+    return nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d(), nn.ReLU(), nn.LazyConv2d(4, 3))
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: init_model_(m, "orthonormal"), lambda m: OrthonormalRegularizer(m), lambda m: SRIPRegularizer(m),
+    lambda m: ConvOrthogonalityRegularizer(m)])
+def test_lazy_layers_before_their_first_pass_are_refused_naming_the_layer(make):
+    with pytest.raises(ValueError, match=r"layer '0' \(LazyConv2d\) has no weight yet.*run the model once"):
+        make(_lazy())
+    net = _lazy()
+    net(torch.randn(2, 3, 8, 8))  # materialized: an ordinary conv net now
+    make(net)
+
+
+def test_the_modulator_takes_lazy_layers_before_their_first_pass():
+    net = _lazy()
+    with ErrorModulator(net) as modulator:  # it needs no weight, only the layers' outputs
+        net(torch.randn(2, 3, 8, 8)).square().mean().backward()
+        assert len(modulator.scales) == 2 and modulator.scaled == [True, False]
+
+
 # -- one definition, filter=, and what is left out is said -----------------------------------------
 class _Mixed(nn.Module):
     def __init__(self):

@@ -81,7 +81,7 @@ def weight_layers(model: nn.Module, filter: LayerFilter = None, default: tuple[t
         if is_weight_layer(module):
             wanted = accepts(name, module) if filter is not None else isinstance(module, default)
             (chosen if wanted else left_out).append((name, module))
-        elif any(p.dim() >= 2 for p in module.parameters(recurse=False)):
+        elif any(not nn.parameter.is_lazy(p) and p.dim() >= 2 for p in module.parameters(recurse=False)):
             unknown.append((name, module))
     if unknown:
         warnings.warn(f"{user} leaves out {len(unknown)} module(s) with matrix-shaped parameters it does not "
@@ -104,8 +104,12 @@ def geometry(module: nn.Module) -> tuple[int, bool]:
 
 def plain_weight(name: str, module: nn.Module, user: str) -> torch.Tensor:
     """The layer's weight if it is an ordinary parameter; a ValueError naming the layer if it is
-    computed (``torch.nn.utils.parametrize`` or the older hook-based ``weight_norm``/``spectral_norm``)."""
+    computed (``torch.nn.utils.parametrize`` or the older hook-based ``weight_norm``/``spectral_norm``)
+    or not made yet (a lazy module before its first forward pass)."""
     label = name or "<model>"
+    if nn.parameter.is_lazy(module._parameters.get("weight")):
+        raise ValueError(f"{user}: layer {label!r} ({type(module).__name__}) has no weight yet: a lazy module makes it "
+                         f"in its first forward pass; run the model once on a batch, then {user}")
     if parametrize.is_parametrized(module, "weight"):
         kind = type(module.parametrizations.weight[0]).__name__
         raise ValueError(f"{user}: layer {label!r} has a parametrized weight ({kind}), which {user} would not act on "
