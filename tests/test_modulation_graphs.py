@@ -402,3 +402,22 @@ def test_a_model_compiled_before_the_modulator_is_attached_is_refused_at_step():
         modulator.step()
     modulator.remove()
     torch._dynamo.reset()
+
+
+def test_a_conv_output_changed_in_place_is_modulated_as_the_same_net_without():
+    # ReLU(inplace=True) straight after a conv rewrites the tensor the hook was put on; the
+    # error modulated must still be the one at the conv's output
+    def net(inplace):
+        torch.manual_seed(0)
+        return _scaled(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace), nn.Conv2d(4, 4, 3, padding=1),
+                                     nn.ReLU(inplace), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(inplace),
+                                     nn.Flatten(), nn.Linear(5 * 64, 5)), [1, 3, 0.3])
+
+    grads = []
+    for inplace in (False, True):
+        model = net(inplace)
+        with ErrorModulator(model) as modulator:
+            _one_backward(model, lambda: None)
+            grads.append(_grads(model))
+            assert modulator.scaled == [True, True, False]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
