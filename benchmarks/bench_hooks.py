@@ -7,12 +7,17 @@ layers below, and registering the backward hook). Both ways
 of computing the rule are timed: on host floats (what CPU gradients use by default) and on
 device tensors (what accelerators use).
 
+``floor``: the two passes over memory that exact modulation needs at every layer (the error's
+moment and the scaled error), timed on the errors of one real backward pass outside any hook,
+beside the bare fwd+bwd in the same rounds: what any exact implementation pays before Python.
+
     python benchmarks/bench_hooks.py --model plain110 --steps 5
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -64,6 +69,38 @@ def _timed_norm(t):
     return result
 
 
+def floor(model_name: str, x: torch.Tensor, y: torch.Tensor, rounds: int = 5) -> dict:
+    """Moments and scaled errors of one backward pass's conv-output errors, outside any hook."""
+    model = create(model_name, init="orthonormal").to(memory_format=torch.channels_last)
+    errors = []
+
+    def keep(module, inputs, output):
+        output.register_hook(lambda grad: errors.append(grad.detach().clone()))
+
+    handles = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    F.cross_entropy(model(x), y).backward()
+    for h in handles:
+        h.remove()
+    times = {"fwd_bwd": [], "moments": [], "scaled_errors": []}
+    for _ in range(rounds + 1):  # the first round warms up
+        start = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        times["fwd_bwd"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for e in errors:
+            float(_norm(e))
+        times["moments"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for e in errors:
+            e * 1.0001  # a fresh tensor, freed at once, as the backward pass frees it
+        times["scaled_errors"].append(time.perf_counter() - start)
+    ms = {k: round(1e3 * statistics.median(v[1:]), 2) for k, v in times.items()}
+    return {"errors": len(errors), "error_megabytes": round(sum(e.numel() * e.element_size() for e in errors) / 2**20),
+            "ms_median_of_rounds": ms,
+            "passes_fraction_of_fwd_bwd": round((ms["moments"] + ms["scaled_errors"]) / ms["fwd_bwd"], 4)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="plain110")
@@ -95,6 +132,7 @@ def main() -> None:
             "of_which_backward_ms_per_step": {k: round(1e3 * v / args.steps, 2) for k, v in modulator.parts.items()},
             "fwd_bwd_ms_per_step": round(1e3 * total / args.steps, 1),
             "hooks_fraction_of_fwd_bwd": round(sum(modulator.seconds.values()) / total, 4)}
+    result["floor"] = floor(args.model, x, y)
     print(json.dumps({"model": args.model, "batch_size": args.batch_size, "steps": args.steps, "cpu": cpu_model(),
                       "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
                       "threads": torch.get_num_threads(), "result": result}, indent=2))
