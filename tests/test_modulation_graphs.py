@@ -401,6 +401,22 @@ def test_a_model_compiled_before_the_modulator_is_attached_is_refused_at_step():
     with pytest.raises(RuntimeError, match="compiled before the modulator was attached"):
         modulator.step()
     modulator.remove()
+    # another instance of the class, modulator attached before its own compile: the code compiled
+    # for the first instance serves it, hooks skipped again; resetting dynamo after attaching helps
+    other = _scaled(Net(Block(6, 6)), [1, 3, 0.3])
+    modulator = ErrorModulator(other)
+    compiled = torch.compile(other, backend="aot_eager")
+    for _ in range(2):
+        _one_backward(compiled, lambda: None)
+        assert not modulator.scales  # it saw no pass
+    with pytest.raises(RuntimeError, match="another instance of its class"):
+        modulator.step(), modulator.step()
+    torch._dynamo.reset()
+    other.zero_grad()
+    _one_backward(compiled, lambda: None)
+    modulator.step()
+    assert modulator.scaled == [True, True, False]
+    modulator.remove()
     torch._dynamo.reset()
 
 

@@ -24,12 +24,14 @@ with no modulated node above them). A node none of whose upper nodes took part i
 backward pass (``loss.backward()``, ``torch.autograd.grad``, each call on its own) is a top
 node and is left alone. State belongs to the pass and the backward call it came from.
 
-``torch.compile``: attach the modulator before the model is compiled. Compiled code does not
-see module hooks added after it was compiled (dynamo's ``skip_nnmodule_hook_guards``, on by
-default; this holds for any compiled instance of the same class in the process), so the
-modulator would see nothing and gradients would come out unmodulated: :meth:`step` raises when
-no modulated layer ran since the previous call. Attached first, each modulated layer's hook
-splits the compiled graph and runs as written (exact; tested with the ``aot_eager`` backend).
+``torch.compile``: attach the modulator before the model is compiled, and before any other
+instance of its class is compiled in the process, or call ``torch._dynamo.reset()`` after
+attaching it. Compiled code does not notice module hooks added after it was compiled (dynamo's
+``skip_nnmodule_hook_guards``, on by default), and the code compiled for one instance serves
+every instance of the class: the modulator would see nothing and gradients would come out
+unmodulated, so :meth:`step` raises when no modulated layer ran since the previous call.
+Attached first, each modulated layer's hook splits the compiled graph and runs as written
+(exact; tested with the ``aot_eager`` backend).
 
 Activation checkpointing: ``torch.utils.checkpoint(..., use_reentrant=False)`` is followed
 exactly (its recomputation, run inside the backward pass, is recognised and ignored); the
@@ -235,9 +237,9 @@ class ErrorModulator:
         if self._stepped and self._runs == 0 and (self.active or self.monitor):
             raise RuntimeError(
                 "ErrorModulator.step(): none of the modulated layers ran since the last step(), so no error was "
-                "modulated. If the model is compiled, it was compiled before the modulator was attached and the "
-                "compiled code skips hooks added later: attach the modulator first (or call torch._dynamo.reset() "
-                "after attaching it). Otherwise call step() once per iteration that runs the model")
+                "modulated. If the model is compiled, its code was compiled before the modulator was attached (for "
+                "it or another instance of its class) and skips hooks added later: call torch._dynamo.reset() "
+                "after attaching the modulator. Otherwise call step() once per iteration that runs the model")
         self._stepped, self._runs = True, 0
         self.step_count += 1
 
