@@ -437,3 +437,28 @@ def test_a_conv_output_changed_in_place_is_modulated_as_the_same_net_without():
             grads.append(_grads(model))
             assert modulator.scaled == [True, True, False]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_replicas_of_the_layers_are_refused_and_a_deep_copy_carries_a_modulator_of_its_own():
+    torch.manual_seed(0)
+    model = _scaled(Net(Block(6, 6)), [1, 3, 0.3])
+    modulator = ErrorModulator(model)
+    # nn.DataParallel runs per-device replicas made this way, which share the modulator's hooks
+    replica = model.stem[0]._replicate_for_data_parallel()
+    replica._parameters.update(weight=model.stem[0].weight, bias=None)  # replicate() gives it the device's copies
+    with torch.no_grad():
+        replica(torch.randn(2, 3, 8, 8))  # inference through replicas: nothing to modulate
+    with pytest.raises(RuntimeError, match="nn.DataParallel's per-device replicas.*DistributedDataParallel"):
+        replica(torch.randn(2, 3, 8, 8))
+    # copy.deepcopy (an EMA model, a teacher) copies the modulator with the layers: the copy is
+    # modulated by its own, exactly as the original, and the original sees none of it
+    _one_backward(model, lambda: None)
+    twin = copy.deepcopy(model)
+    twin.zero_grad(), model.zero_grad()
+    _one_backward(twin, lambda: None)
+    (twin_modulator,) = {hook.__self__ for hook in twin.stem[0]._forward_hooks.values()}
+    assert twin_modulator is not modulator and twin_modulator.scaled == [True, True, False]
+    _one_backward(model, lambda: None)
+    assert modulator.scaled == [True, True, False]
+    assert all(torch.equal(a, b) for a, b in zip(_grads(twin), _grads(model)))
+    modulator.remove()

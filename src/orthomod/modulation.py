@@ -33,6 +33,11 @@ unmodulated, so :meth:`step` raises when no modulated layer ran since the previo
 Attached first, each modulated layer's hook splits the compiled graph and runs as written
 (exact; tested with the ``aot_eager`` backend).
 
+Copies: ``nn.DataParallel`` runs per-device replicas of the layers that share the modulator's
+hooks; a grad-enabled pass through one raises (use ``DistributedDataParallel``, one process per
+device). ``copy.deepcopy`` of a modulated model copies the modulator with it: the copy is
+modulated by its own, and the original's sees none of the copy's passes.
+
 Activation checkpointing: ``torch.utils.checkpoint(..., use_reentrant=False)`` is followed
 exactly (its recomputation, run inside the backward pass, is recognised and ignored); the
 reentrant variant recomputes in a separate backward the modulator cannot see into, and a
@@ -196,18 +201,18 @@ class ErrorModulator:
             raise ValueError("ErrorModulator found no conv layers in the model" +
                              (" that the filter accepts" if filter is not None else ""))
         self.layers = [m for _, m in named]
-        self._names = {id(m): name or "<model>" for name, m in named}
+        self._names = {m: name or "<model>" for name, m in named}  # keyed by module: copy.deepcopy maps them
         for name, layer in named:
             owner = getattr(layer, "_orthomod_modulator", None)
             owner = owner() if owner is not None else None
-            if owner is not None and owner._handles and id(layer) in owner._names:
+            if owner is not None and owner._handles and layer in owner._names:
                 raise ValueError(f"layer {name or '<model>'!r} already has an ErrorModulator: a second one would "
                                  "scale every error twice; call .remove() on the first (or use it)")
         for layer in self.layers:
             layer._orthomod_modulator = weakref.ref(self)
         self._tag = f"orthomod.modulator.{next(_instances)}"  # marks this modulator's nodes on the graph
         self._memo = self._tag + ".below"
-        self._order: dict[int, int] = {}  # id(layer) -> position in the forward pass
+        self._order: dict[nn.Module, int] = {}  # layer -> position in the forward pass
         self._current: _Pass | None = None
         self._last: tuple[_Pass, int] | None = None  # the pass and backward call last reached
         self._statistics: tuple[tuple, dict] | None = None  # host copy of _last's numbers
@@ -260,13 +265,18 @@ class ErrorModulator:
         self._runs += 1
         if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
             return
+        if layer not in self._names:
+            raise RuntimeError(f"ErrorModulator: a copy of a modulated {type(layer).__name__} ran with the modulator's hooks, "
+                               "as nn.DataParallel's per-device replicas do; the modulator follows the layers it was "
+                               "attached to, one pass at a time. Use DistributedDataParallel (one process per device), "
+                               "which it follows exactly")
         if _backward_task() != -1:  # a forward inside a backward pass: checkpoint's recomputation
-            output.register_hook(partial(_refuse_reentrant, self._names[id(layer)]))
+            output.register_hook(partial(_refuse_reentrant, self._names[layer]))
             return
         if not (self.active or self.monitor):
             self._current = None
             return
-        index = self._order.setdefault(id(layer), len(self._order))
+        index = self._order.setdefault(layer, len(self._order))
         state = self._current
         if state is None or index == 0 or index in state.nodes:
             state = self._current = _Pass()
