@@ -33,6 +33,8 @@ def test_invalid_inputs_give_one_line_errors(tmp_path, capsys, monkeypatch):
     missing = tmp_path / "no-such-folder"
     err = _error(capsys, *base, "--dataset", "cifar10", "--data", str(missing))
     assert f"data folder {missing} does not exist" in err
+    err = _error(capsys, *base, "--data", str(tmp_path))  # the default dataset, shapes, reads no folder
+    assert "the shapes dataset is generated, not read; add --dataset cifar10" in err
     bad_key = tmp_path / "bad.toml"
     bad_key.write_text('model = "plain8"\nlearning_rate = 0.1\n')
     assert f"unknown config key 'learning_rate' in {bad_key}" in _error(capsys, *base, "--config", str(bad_key))
@@ -55,6 +57,7 @@ def test_resume_and_eval_errors(tmp_path, capsys):
     err = _error(capsys, "train", "--resume", str(run), "--no-progress")
     assert f"checkpoint {run / 'checkpoint.pt'} is corrupt" in err
     assert "corrupt" in _error(capsys, "eval", str(run))
+    assert "shapes dataset is generated" in _error(capsys, "eval", str(run), "--data", str(tmp_path))
 
 
 def test_flags_override_config_and_eval_reproduces_summary(tmp_path, capsys):

@@ -215,6 +215,7 @@ def _eval(args: argparse.Namespace) -> int:
     config = _run_config(run_dir)
     if args.data:
         config.data = args.data
+        config.validate()  # a folder for a dataset that reads one
     device = resolve_device(args.device)
     path = run_dir / ("checkpoint.pt" if args.checkpoint == "last" else "best.pt")
     missing = ("best.pt is written at the run's first evaluation (every epoch end); use --checkpoint last"

@@ -129,6 +129,9 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is not valid; choose one of {', '.join(allowed)}")
+        if self.dataset == "shapes" and self.data is not None:
+            raise ConfigError(f"data = {self.data!r} names a folder, but the shapes dataset is generated, not read; "
+                              "add --dataset cifar10 (or folder) to train on that folder's data")
         try:
             family, _ = parse_model_name(self.model)
         except ValueError as exc:
