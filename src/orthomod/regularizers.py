@@ -35,6 +35,8 @@ gradient unclipped, as coupled weight decay is.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -47,6 +49,25 @@ from .weights import LayerFilter, filter_matrices, geometry, plain_weight, weigh
 __all__ = ["orthonormal_penalty", "OrthonormalRegularizer", "split_decay_parameters", "SRIPRegularizer",
            "conv_orthogonality_penalty", "ConvOrthogonalityRegularizer", "make_regularizer", "REGULARIZERS",
            "DEFAULT_COEFF"]
+
+
+def _without_autocast(tensors: Iterable[torch.Tensor]) -> contextlib.ExitStack:
+    """Autocast off on the tensors' devices: the regularizers compute in the weights' own dtype.
+    Called inside an autocast region (a training step written in one), ``V V^T - I`` of a nearly
+    orthonormal ``V`` would be computed in bf16/fp16 and lost to rounding (40-80% off)."""
+    stack = contextlib.ExitStack()
+    for device_type in sorted({t.device.type for t in tensors}):
+        stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
+
+
+def _outside_autocast(method):
+    """A regularizer method run with autocast off on its weights' devices."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with _without_autocast(self.params):
+            return method(self, *args, **kwargs)
+    return run
 
 
 def _group_blocks(v: torch.Tensor) -> list[torch.Tensor]:
@@ -85,7 +106,8 @@ def orthonormal_penalty(weight: torch.Tensor, groups: int = 1, transposed: bool 
     """
     check_weight(weight)
     v = filter_matrices(weight, groups, transposed)
-    return sum(_residual(block).square().sum() for block in _group_blocks(v))
+    with _without_autocast([weight]):
+        return sum(_residual(block).square().sum() for block in _group_blocks(v))
 
 
 class _Weight:
@@ -151,6 +173,7 @@ class OrthonormalRegularizer:
         v = torch.stack([filter_matrices(p, groups, transposed) for p in params])
         return v.reshape(-1, *v.shape[2:])
 
+    @_outside_autocast
     @torch.no_grad()
     def add_grad_(self) -> None:
         """Add ``coeff * 2 (V V^T - I) V`` to the ``.grad`` of every weight that has one."""
@@ -169,12 +192,14 @@ class OrthonormalRegularizer:
             torch._foreach_add_([p.grad for p in params],
                                 [weight_from_filters(g, shape, transposed) for g in grad.unbind(0)])
 
+    @_outside_autocast
     @torch.no_grad()
     def penalty(self) -> torch.Tensor:
         """The value of ``R = coeff/2 * sum_l orthonormal_penalty(V_l)`` (a 0-d tensor, no graph): the
         regularizer's penalty includes its coefficient, the function's does not."""
         return self._value()
 
+    @_outside_autocast
     def loss(self) -> torch.Tensor:
         """``R`` as a differentiable loss term; its gradient equals what :meth:`add_grad_` adds."""
         return self._value()
@@ -186,6 +211,7 @@ class OrthonormalRegularizer:
                 total = total + _residual(block).square().sum()
         return 0.5 * self.coeff * total
 
+    @_outside_autocast
     def residuals(self) -> list[float]:
         """``||V V^T - I||_F`` per weight, in the order of :attr:`params` (a diagnostic)."""
         with torch.no_grad():
@@ -272,6 +298,7 @@ class SRIPRegularizer:
             out.append((u, u @ self._times(a, u)))
         return out
 
+    @_outside_autocast
     @torch.no_grad()
     def add_grad_(self) -> None:
         """Add ``2 s coeff u u^T V`` to the ``.grad`` of every weight that has one (one power
@@ -289,16 +316,19 @@ class SRIPRegularizer:
     def _sigma(self, w: _Weight, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return (u @ self._times(_residual(self._filters(w, weight)), u)).abs()
 
+    @_outside_autocast
     @torch.no_grad()
     def penalty(self) -> torch.Tensor:
         """``coeff * sum sigma`` with the current estimates (a 0-d tensor; refines nothing)."""
         return self.coeff * sum(self._sigma(w, u, w.tensor.detach()) for w, u in zip(self._weights, self.vectors))
 
+    @_outside_autocast
     def loss(self) -> torch.Tensor:
         """``coeff * sum |u^T A u|`` as a differentiable term (u held fixed): its gradient is what
         :meth:`add_grad_` adds."""
         return self.coeff * sum(self._sigma(w, u, w.tensor) for w, u in zip(self._weights, self.vectors))
 
+    @_outside_autocast
     def residuals(self) -> list[float]:
         """The estimated ``sigma(V V^T - I)`` per weight (a diagnostic)."""
         with torch.no_grad():
@@ -330,7 +360,8 @@ def conv_orthogonality_penalty(weight: torch.Tensor, stride: int | tuple[int, ..
         raise ValueError(f"conv_orthogonality_penalty takes a Linear or Conv1d/2d/3d weight, got shape "
                          f"{tuple(weight.shape)}")
     strides = (stride,) * dims if isinstance(stride, int) else tuple(stride)
-    return _grouped_conv_orthogonality(weight[None], strides)[0]
+    with _without_autocast([weight]):
+        return _grouped_conv_orthogonality(weight[None], strides)[0]
 
 
 def _as_kernels(stacked: torch.Tensor) -> torch.Tensor:
@@ -391,6 +422,7 @@ class ConvOrthogonalityRegularizer:
             raise ValueError("ConvOrthogonalityRegularizer found no conv or linear weights to regularize")
         self.params = [w for w, _ in self._layers]
 
+    @_outside_autocast
     def add_grad_(self) -> None:
         if self.coeff == 0:
             return
@@ -403,14 +435,17 @@ class ConvOrthogonalityRegularizer:
                 (grad,) = torch.autograd.grad(_grouped_conv_orthogonality(_as_kernels(leaf), stride).sum(), leaf)
             torch._foreach_add_([w.grad for w in weights], list(grad.unbind(0)), alpha=0.5 * self.coeff)
 
+    @_outside_autocast
     @torch.no_grad()
     def penalty(self) -> torch.Tensor:
         return self.loss()
 
+    @_outside_autocast
     def loss(self) -> torch.Tensor:
         return 0.5 * self.coeff * sum(_grouped_conv_orthogonality(_as_kernels(torch.stack(weights)), stride).sum()
                                       for (_, stride, _, _), weights in self._buckets.items())
 
+    @_outside_autocast
     def residuals(self) -> list[float]:
         with torch.no_grad():
             return [float(conv_orthogonality_penalty(w.float(), s).sqrt()) for w, s in self._layers]
