@@ -310,3 +310,28 @@ def test_a_second_modulator_on_one_model_is_refused_until_the_first_is_removed()
     with ErrorModulator(model):
         twin = copy.deepcopy(model)  # a copy is another model: it may get its own
         ErrorModulator(twin).remove()
+
+
+def test_on_a_chain_adam_undoes_a_modulation_factor_that_sgd_keeps():
+    # on a chain each parameter tensor's gradient is scaled by one number (the product of the
+    # factors above it); Adam's first step, lr * g / (|g| + eps), does not see such a number
+    from orthomod.models import create
+
+    torch.manual_seed(0)
+    base = create("plain8", init="orthonormal")
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+
+    def change(optimizer, modulate):
+        model = copy.deepcopy(base)
+        opt = optimizer(model.parameters())
+        with ErrorModulator(model, until_step=None if modulate else 0) as modulator:
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            assert any(modulator.scaled) == modulate
+        return [p.detach() - q.detach() for p, q in zip(model.parameters(), base.parameters())]
+
+    def difference(optimizer):  # the largest relative difference over the parameter tensors
+        return max(float((a - b).norm() / b.norm()) for a, b in zip(change(optimizer, True), change(optimizer, False)))
+
+    assert difference(lambda ps: torch.optim.Adam(ps, lr=1e-3, eps=1e-12)) < 1e-6
+    assert difference(lambda ps: torch.optim.SGD(ps, lr=0.1)) > 0.1
