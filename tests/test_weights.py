@@ -162,9 +162,12 @@ def _weight_normed():
     return net
 
 
-@pytest.mark.parametrize("make", [
-    lambda m: init_model_(m, "orthonormal"), lambda m: OrthonormalRegularizer(m), lambda m: SRIPRegularizer(m),
-    lambda m: ConvOrthogonalityRegularizer(m)])
+# the consumers that read each layer's weight (the modulator needs none)
+WEIGHT_READERS = [lambda m: init_model_(m, "orthonormal"), lambda m: OrthonormalRegularizer(m),
+                  lambda m: SRIPRegularizer(m), lambda m: ConvOrthogonalityRegularizer(m)]
+
+
+@pytest.mark.parametrize("make", WEIGHT_READERS)
 def test_parametrized_weights_are_refused_naming_the_layer(make):
     with pytest.raises(ValueError, match=r"layer '2' has a parametrized weight \(_WeightNorm\).*filter="):
         make(_weight_normed())
@@ -190,9 +193,7 @@ def _lazy():
     return nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d(), nn.ReLU(), nn.LazyConv2d(4, 3))
 
 
-@pytest.mark.parametrize("make", [
-    lambda m: init_model_(m, "orthonormal"), lambda m: OrthonormalRegularizer(m), lambda m: SRIPRegularizer(m),
-    lambda m: ConvOrthogonalityRegularizer(m)])
+@pytest.mark.parametrize("make", WEIGHT_READERS)
 def test_lazy_layers_before_their_first_pass_are_refused_naming_the_layer(make):
     with pytest.raises(ValueError, match=r"layer '0' \(LazyConv2d\) has no weight yet.*run the model once"):
         make(_lazy())
