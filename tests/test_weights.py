@@ -271,3 +271,50 @@ def test_filter_on_every_consumer():
 def test_bad_input_gets_the_library_wording(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def _tied(second=None):
+    """Two layers holding one weight tensor (tied weights)."""
+    torch.manual_seed(0)
+    first = nn.Conv2d(4, 4, 3, padding=1)
+    second = second or nn.Conv2d(4, 4, 3, padding=1)
+    second.weight = first.weight
+    return nn.Sequential(first, nn.ReLU(), second)
+
+
+@pytest.mark.parametrize("make", [OrthonormalRegularizer, SRIPRegularizer, ConvOrthogonalityRegularizer])
+def test_a_weight_shared_by_two_layers_is_regularized_once(make):
+    tied = _tied()
+    alone = nn.Sequential(tied[0])  # the same tensor, held by one layer
+    torch.manual_seed(1)
+    reg = make(tied)
+    torch.manual_seed(1)
+    single = make(alone)
+    assert reg.params == single.params == [tied[0].weight]
+    assert torch.equal(reg.penalty(), single.penalty())
+    tied[0].weight.grad = torch.zeros_like(tied[0].weight)
+    reg.add_grad_()
+    once = tied[0].weight.grad.clone()
+    tied[0].weight.grad.zero_()
+    single.add_grad_()
+    assert torch.equal(once, tied[0].weight.grad) and once.abs().sum() > 0
+
+
+def test_a_shared_weight_is_initialized_once_and_its_layouts_must_agree():
+    tied = _tied()
+    tied[2].bias.data.fill_(1.0)
+    init_model_(tied, "orthonormal")
+    v = tied[0].weight.reshape(4, -1)
+    assert torch.allclose(v @ v.T, torch.eye(4), atol=1e-6) and torch.equal(tied[2].bias, torch.zeros(4))
+    from orthomod.init import lsuv_
+    (variance,) = lsuv_(tied, torch.randn(8, 4, 6, 6))  # scaled once, for its first layer
+    with torch.no_grad():
+        assert float(tied[0](torch.randn(8, 4, 6, 6)).var()) == pytest.approx(1.0, abs=0.3)
+    mixed = _tied(nn.ConvTranspose2d(4, 4, 3, padding=1))  # the same tensor read with in and out swapped
+    for make in WEIGHT_READERS[:3]:
+        with pytest.raises(ValueError, match=r"layers '0' \(Conv2d\) and '2' \(ConvTranspose2d\) share one weight"):
+            make(mixed)
+    strided = _tied(nn.Conv2d(4, 4, 3, stride=2, padding=1))  # conv-orthogonality depends on the stride
+    with pytest.raises(ValueError, match="share one weight but lay it out differently"):
+        ConvOrthogonalityRegularizer(strided)
+    OrthonormalRegularizer(strided)  # V does not: one weight, taken once

@@ -19,8 +19,8 @@ import warnings
 import torch
 from torch import nn
 
-from .weights import LayerFilter, filter_matrices, geometry, is_weight_layer, plain_weight, weight_from_filters, \
-    weight_layers
+from .weights import LayerFilter, filter_matrices, geometry, is_weight_layer, plain_weight, repeated_weights, \
+    weight_from_filters, weight_layers
 
 __all__ = ["orthonormal_", "delta_orthogonal_", "dirac_delta", "group_slices", "check_weight", "is_weight_layer",
            "init_model_", "lsuv_", "INIT_SCHEMES", "DATA_INIT_SCHEMES"]
@@ -177,27 +177,35 @@ def init_model_(model: nn.Module, scheme: str = "msra", generator: torch.Generat
         from .tat import init_tat_
 
         return init_tat_(model)
-    for name, module in weight_layers(model, filter, user="init_model_"):
-        weight = plain_weight(name, module, "init_model_")
-        groups, transposed = geometry(module)
-        if scheme in ("delta-orthogonal", "dirac") and not isinstance(module, nn.Linear):
-            _init_identity_like(name, module, scheme, generator)
-        elif scheme == "delta-orthogonal":
-            with torch.no_grad():
-                weight.copy_(_semi_orthogonal(*weight.shape, generator))
-        elif scheme == "orthonormal":
-            orthonormal_(weight, generator=generator, groups=groups, transposed=transposed)
-        elif scheme == "msra" and not isinstance(module, nn.Linear):
-            nn.init.kaiming_normal_(weight, mode="fan_in" if transposed else "fan_out", nonlinearity="relu",
-                                    generator=generator)
-        else:
-            module.reset_parameters()
+    named = weight_layers(model, filter, user="init_model_")
+    repeats = repeated_weights(named, "init_model_")  # a shared weight is initialized once
+    for name, module in named:
+        if id(module) not in repeats:
+            _init_weight(name, module, scheme, generator)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.reset_parameters()
     return model
+
+
+def _init_weight(name: str, module: nn.Module, scheme: str, generator: torch.Generator | None) -> None:
+    """One weight layer's weight by ``scheme`` (init_model_'s schemes that need no data)."""
+    weight = plain_weight(name, module, "init_model_")
+    groups, transposed = geometry(module)
+    if scheme in ("delta-orthogonal", "dirac") and not isinstance(module, nn.Linear):
+        _init_identity_like(name, module, scheme, generator)
+    elif scheme == "delta-orthogonal":
+        with torch.no_grad():
+            weight.copy_(_semi_orthogonal(*weight.shape, generator))
+    elif scheme == "orthonormal":
+        orthonormal_(weight, generator=generator, groups=groups, transposed=transposed)
+    elif scheme == "msra" and not isinstance(module, nn.Linear):
+        nn.init.kaiming_normal_(weight, mode="fan_in" if transposed else "fan_out", nonlinearity="relu",
+                                generator=generator)
+    else:
+        module.reset_parameters()
 
 
 class _Measured(Exception):
@@ -231,6 +239,8 @@ def lsuv_(model: nn.Module, x: torch.Tensor, tol: float = 0.1, max_iter: int = 1
     if not (tol > 0 and max_iter >= 1):
         raise ValueError(f"lsuv_ needs tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
     named = weight_layers(model, filter, user="lsuv_")
+    repeats = repeated_weights(named, "lsuv_")  # a shared weight is scaled once, at its first layer
+    named = [(name, m) for name, m in named if id(m) not in repeats]
     if not named:
         raise ValueError("lsuv_ found no weight layers in the model" + (" that the filter accepts" if filter else ""))
     weights = {id(m): plain_weight(name, m, "lsuv_") for name, m in named}
