@@ -137,6 +137,8 @@ def _weights_of(module_or_params: nn.Module | Iterable[torch.Tensor], filter: La
                 f"{user} takes weights with at least 2 dimensions, got {shape}; "
                 "pass the model itself to collect its conv/linear weights"
             )
+    if len({id(p) for p in params}) < len(params):
+        raise ValueError(f"{user}: a weight appears more than once in the weights given; pass each tensor once")
     return [_Weight(p) for p in params]
 
 
