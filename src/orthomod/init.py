@@ -225,8 +225,9 @@ def lsuv_(model: nn.Module, x: torch.Tensor, tol: float = 0.1, max_iter: int = 1
     mode and every buffer (BN's running statistics) are restored after. Returns each calibrated
     layer's output variance at the end, in forward order; a layer still outside the tolerance
     after ``max_iter`` scalings is named in a warning, a layer ``x`` never reaches in an error.
-    A layer that runs more than once in a forward pass (shared weights) has one weight: it is
-    measured and scaled at its first call, and its later calls see the scaled weight.
+    A layer that runs more than once in a forward pass has one weight: it is measured and
+    scaled at its first call, and its later calls see the scaled weight; a weight held by
+    several layers (tied) is scaled once, for the first of them.
 
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
         >>> variances = lsuv_(init_model_(net, "orthonormal"), 5 * torch.randn(16, 3, 12, 12))
