@@ -148,3 +148,17 @@ def test_every_regularizer_computes_in_the_weights_dtype_inside_an_autocast_regi
     (grads, values), (grads_in, values_in) = run(False), run(True)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_in))
     assert all(v.dtype == torch.float32 and torch.equal(a, v) for a, v in zip(values, values_in))
+
+
+def test_srip_follows_its_weights_to_another_dtype():
+    # a regularizer built before model.double() (or model.cuda()) keeps working, in the new dtype
+    from orthomod.regularizers import SRIPRegularizer
+
+    model = create("plain8", init="orthonormal")
+    reg = SRIPRegularizer(model, generator=torch.Generator().manual_seed(0))
+    model.double()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    reg.add_grad_()
+    assert reg.penalty().dtype == torch.float64 and all(u.dtype == torch.float64 for u in reg.vectors)
+    assert any(p.grad.abs().sum() > 0 for p in reg.params)

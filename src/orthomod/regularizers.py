@@ -294,7 +294,7 @@ class SRIPRegularizer:
         out = []
         for i, w in enumerate(self._weights):
             a = _residual(self._filters(w, w.tensor.detach()))
-            u = self.vectors[i]
+            u = self.vectors[i].to(a.device, a.dtype)  # the model may have moved since (model.cuda(), .double())
             for _ in range(self.iterations if iterations is None else iterations):
                 x = self._times(a, u)
                 u = x / x.norm().clamp_min(torch.finfo(x.dtype).tiny)
@@ -318,6 +318,7 @@ class SRIPRegularizer:
             w.tensor.grad.add_(weight_from_filters(grad, w.tensor.shape, w.transposed))
 
     def _sigma(self, w: _Weight, u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        u = u.to(weight.device, weight.dtype)
         return (u @ self._times(_residual(self._filters(w, weight)), u)).abs()
 
     @_outside_autocast
