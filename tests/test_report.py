@@ -74,3 +74,16 @@ def test_line_styles_stay_distinct_past_ten_runs():
     styles = [tuple(sorted(_style(i).items())) for i in range(40)]
     assert len(set(styles)) == 40
     assert _style(10)["color"] == _style(0)["color"] and _style(10)["linestyle"] != _style(0)["linestyle"]
+
+
+def test_a_run_with_one_probe_gets_its_heatmap_without_warnings(tmp_path, capsys):
+    # a run collected just after it started has a single diagnostics probe
+    Trainer(tiny_config(tmp_path, name="young", iterations=3, diagnostics_every=2, modulation=True),
+            progress=False).run()
+    rows = [json.loads(line) for line in (tmp_path / "young" / "diagnostics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if r.get("error_moments_after")]) == 1
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["report", str(tmp_path / "young"), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "layer_ratios_young.png").stat().st_size > 2000

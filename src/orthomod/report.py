@@ -125,8 +125,9 @@ def _heatmap(run: Run, out: Path) -> str | None:
     grid = np.array(ratios).T  # layers x iterations
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in rows]
+    left, right = (steps[0], steps[-1]) if steps[-1] > steps[0] else (steps[0] - 0.5, steps[0] + 0.5)  # one probe
     image = ax.imshow(grid, aspect="auto", origin="lower", cmap="coolwarm",
-                      extent=(steps[0], steps[-1], 0.5, grid.shape[0] + 0.5),
+                      extent=(left, right, 0.5, grid.shape[0] + 0.5),
                       vmin=-max(1.0, np.nanmax(np.abs(grid))), vmax=max(1.0, np.nanmax(np.abs(grid))))
     fig.colorbar(image, ax=ax, label="log10 q^l / q^L")
     ax.set(xlabel="iteration", ylabel="conv layer (1 = first)", title=f"Per-layer error moment ratio: {run.label}")
