@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch import nn
 
-from .weights import LayerFilter, filter_matrices, geometry, is_weight_layer, plain_weight, repeated_weights, \
+from .weights import LayerFilter, filter_matrices, geometry, is_weight_layer, plain_weight, distinct_weights, \
     weight_from_filters, weight_layers
 
 __all__ = ["orthonormal_", "delta_orthogonal_", "dirac_delta", "group_slices", "check_weight", "is_weight_layer",
@@ -178,10 +178,9 @@ def init_model_(model: nn.Module, scheme: str = "msra", generator: torch.Generat
 
         return init_tat_(model)
     named = weight_layers(model, filter, user="init_model_")
-    repeats = repeated_weights(named, "init_model_")  # a shared weight is initialized once
-    for name, module in named:
-        if id(module) not in repeats:
-            _init_weight(name, module, scheme, generator)
+    for name, module in distinct_weights(named, "init_model_"):  # a shared weight is initialized once
+        _init_weight(name, module, scheme, generator)
+    for _, module in named:  # biases are each layer's own
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     for module in model.modules():
@@ -240,8 +239,7 @@ def lsuv_(model: nn.Module, x: torch.Tensor, tol: float = 0.1, max_iter: int = 1
     if not (tol > 0 and max_iter >= 1):
         raise ValueError(f"lsuv_ needs tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
     named = weight_layers(model, filter, user="lsuv_")
-    repeats = repeated_weights(named, "lsuv_")  # a shared weight is scaled once, at its first layer
-    named = [(name, m) for name, m in named if id(m) not in repeats]
+    named = distinct_weights(named, "lsuv_")  # a shared weight is scaled once, at its first layer
     if not named:
         raise ValueError("lsuv_ found no weight layers in the model" + (" that the filter accepts" if filter else ""))
     weights = {id(m): plain_weight(name, m, "lsuv_") for name, m in named}

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .init import check_weight
-from .weights import (LayerFilter, filter_matrices, geometry, plain_weight, repeated_weights, weight_from_filters,
+from .weights import (LayerFilter, filter_matrices, geometry, plain_weight, distinct_weights, weight_from_filters,
                       weight_layers)
 
 __all__ = ["orthonormal_penalty", "OrthonormalRegularizer", "split_decay_parameters", "SRIPRegularizer",
@@ -124,9 +124,8 @@ def _weights_of(module_or_params: nn.Module | Iterable[torch.Tensor], filter: La
                 user: str = "OrthonormalRegularizer") -> list[_Weight]:
     """The weights of a model's weight layers (parametrized ones refused by name), or the given tensors."""
     if isinstance(module_or_params, nn.Module):
-        named = weight_layers(module_or_params, filter, user=user)
-        repeats = repeated_weights(named, user)
-        return [_Weight(plain_weight(name, m, user), *geometry(m)) for name, m in named if id(m) not in repeats]
+        named = distinct_weights(weight_layers(module_or_params, filter, user=user), user)
+        return [_Weight(plain_weight(name, m, user), *geometry(m)) for name, m in named]
     if filter is not None:
         raise ValueError(f"{user}: filter= selects layers of a model; with a list of weights, pass only those wanted")
     params = list(module_or_params)
@@ -408,12 +407,10 @@ class ConvOrthogonalityRegularizer:
         self.coeff = float(coeff)
         self._layers: list[tuple[torch.Tensor, tuple[int, ...]]] = []
         self._buckets: dict[tuple, list[torch.Tensor]] = {}  # weights of one shape and stride: one grouped conv
-        named = weight_layers(model, filter, user="ConvOrthogonalityRegularizer")
-        repeats = repeated_weights(named, "ConvOrthogonalityRegularizer",
-                                   lambda m: (geometry(m), getattr(m, "stride", None), getattr(m, "dilation", None)))
+        named = distinct_weights(weight_layers(model, filter, user="ConvOrthogonalityRegularizer"),
+                                 "ConvOrthogonalityRegularizer",
+                                 lambda m: (geometry(m), getattr(m, "stride", None), getattr(m, "dilation", None)))
         for name, m in named:
-            if id(m) in repeats:
-                continue
             weight = plain_weight(name, m, "ConvOrthogonalityRegularizer")
             if geometry(m)[1]:
                 raise ValueError(f"the conv-orthogonality penalty is defined for convs and linear layers; layer "

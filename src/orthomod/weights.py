@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 __all__ = ["CONV_TYPES", "CONV_TRANSPOSE_TYPES", "WEIGHT_LAYER_TYPES", "is_weight_layer", "weight_layers",
-           "repeated_weights", "geometry", "filter_matrices", "weight_from_filters", "plain_weight", "LayerFilter"]
+           "distinct_weights", "geometry", "filter_matrices", "weight_from_filters", "plain_weight", "LayerFilter"]
 
 log = logging.getLogger("orthomod")
 
@@ -97,9 +97,9 @@ def _names(layers: list[tuple[str, nn.Module]]) -> str:
     return shown + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
 
 
-def repeated_weights(named: list[tuple[str, nn.Module]], user: str,
-                     layout: Callable[[nn.Module], tuple] | None = None) -> set[int]:
-    """``id`` of each layer whose weight an earlier layer of ``named`` holds too (tied weights).
+def distinct_weights(named: list[tuple[str, nn.Module]], user: str,
+                     layout: Callable[[nn.Module], tuple] | None = None) -> list[tuple[str, nn.Module]]:
+    """``named`` without the layers whose weight an earlier layer holds too (tied weights).
 
     A shared weight is one weight: the initializers and regularizers take it once, at its first
     layer (summing a penalty per layer would count it twice). Layers that lay the shared tensor
@@ -107,13 +107,13 @@ def repeated_weights(named: list[tuple[str, nn.Module]], user: str,
     different groups) give it no single ``V``: a ValueError names both."""
     layout = layout or geometry
     first: dict[int, tuple[str, nn.Module]] = {}
-    repeats = set()
+    distinct = []
     for name, module in named:
         weight = module._parameters.get("weight")
-        if weight is None:
-            continue
-        if id(weight) not in first:
-            first[id(weight)] = (name, module)
+        if weight is None or id(weight) not in first:  # None: parametrized, for plain_weight to refuse
+            if weight is not None:
+                first[id(weight)] = (name, module)
+            distinct.append((name, module))
             continue
         earlier, other = first[id(weight)]
         if layout(other) != layout(module):
@@ -121,9 +121,8 @@ def repeated_weights(named: list[tuple[str, nn.Module]], user: str,
                              f"({type(module).__name__}) share one weight but lay it out differently "
                              f"({layout(other)} against {layout(module)}), so it has no single V; leave one out "
                              "with filter=")
-        repeats.add(id(module))
         log.info("%s: layer %r shares its weight with %r: taken once", user, name or "<model>", earlier or "<model>")
-    return repeats
+    return distinct
 
 
 def geometry(module: nn.Module) -> tuple[int, bool]:
