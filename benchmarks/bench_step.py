@@ -20,6 +20,11 @@ VM the time the hypervisor gives to other guests lands in wall time but not in C
     python benchmarks/bench_step.py --model plain110 --batch-size 128 --rounds 10 --tau 1
     python benchmarks/bench_step.py --configs l2,ortho+mod --against d9db74f
     python benchmarks/bench_step.py --device cuda --precision bf16 --configs l2,ortho+mod,ortho
+    python benchmarks/bench_step.py --device cuda --configs l2,ortho+mod --compile default
+
+``--compile MODE`` times each configuration's model under ``torch.compile(mode=MODE)``, with
+dynamo's module-hook guards on so that the modulated copies get code of their own (the
+ErrorModulator docstring); compilation happens in the warm-up, outside the timed rounds.
 """
 from __future__ import annotations
 
@@ -70,7 +75,8 @@ def modulator_at(revision: str) -> type:
     return module.ErrorModulator
 
 
-def make_step(name: str, base: torch.nn.Module, tau: float, precision, device: torch.device = torch.device("cpu")):
+def make_step(name: str, base: torch.nn.Module, tau: float, precision, device: torch.device = torch.device("cpu"),
+              compile_mode: str | None = None):
     model = copy.deepcopy(base)
     weights, others = split_decay_parameters(model)
     wd = 1e-4 if name == "l2" else 0.0
@@ -86,10 +92,11 @@ def make_step(name: str, base: torch.nn.Module, tau: float, precision, device: t
         options = {"rule_on_device": False} if name.endswith("-host") else {}
         modulator = modulator_class(model, tau=tau, **options)
     scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
+    forward = torch.compile(model, mode=compile_mode) if compile_mode else model  # after the modulator's hooks
 
     def step(x, y):
         with precision.autocast(device):
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy(forward(x).float(), y)
         if name.startswith("naive"):
             loss = loss + reg.loss()
         opt.zero_grad(set_to_none=True)
@@ -122,7 +129,10 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", help="auto (what training picks here), fp32, bf16 or fp16")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (as training picks)")
     parser.add_argument("--against", help="also time ortho+mod with the modulator of this git revision")
+    parser.add_argument("--compile", metavar="MODE", help="torch.compile each model: default, reduce-overhead, ...")
     args = parser.parse_args()
+    if args.compile:
+        torch._dynamo.config.skip_nnmodule_hook_guards = False  # hooked and plain copies: code of their own
     if args.against:
         args.configs += f",ortho+mod@{args.against}"
     device = resolve_device(args.device)
@@ -134,10 +144,13 @@ def main() -> None:
     x = torch.randn(args.batch_size, 3, 32, 32).to(device, memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch_size,)).to(device)
     names = args.configs.split(",")
-    steps = {n: make_step(n, base, args.tau, precision, device) for n in names}
-    for n in names:  # warm-up: allocator, oneDNN kernel selection
-        for _ in range(2):
+    steps = {n: make_step(n, base, args.tau, precision, device, args.compile) for n in names}
+    warm_start = time.perf_counter()
+    for n in names:  # warm-up: allocator, oneDNN kernel selection, compilation (CUDA graphs record on call 2)
+        for _ in range(3 if args.compile else 2):
             steps[n](x, y)
+    sync()
+    warm_up_s = time.perf_counter() - warm_start
     times = {n: [] for n in names}
     cpu_times = {n: [] for n in names}  # CPU seconds of this process (all threads)
     for _ in range(args.rounds):
@@ -154,7 +167,7 @@ def main() -> None:
         "model": args.model, "batch_size": args.batch_size, "rounds": args.rounds, "tau": args.tau,
         "revision": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                    cwd=Path(__file__).resolve().parents[1]).stdout.strip(),
-        "precision": precision.name, "device": str(device),
+        "precision": precision.name, "device": str(device), "compile": args.compile, "warm_up_s": round(warm_up_s, 1),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),

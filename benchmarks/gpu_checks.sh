@@ -8,11 +8,16 @@
 #      on the device (the default there) and on host floats, plain-44 and plain-110, bf16 and fp32
 #      at batch 128, and plain-110 bf16 at batch 512
 #   4. bench_precision.py on the host CPU pinned to 2 cores (AMX Xeons: fp32 against bf16)
-# Usage (repository root; OUT: a folder for the results, default ./gpu-checks):
+#   5. bench_step.py with torch.compile (inductor, then CUDA graphs): the method's cost when
+#      the model is compiled, plain-44 bf16
+# Usage (repository root; OUT: a folder for the results, default ./gpu-checks; PARTS: which
+# parts, default all):
 #   OUT=/tmp/gpu bash benchmarks/gpu_checks.sh
+#   OUT=/tmp/gpu PARTS=1235 bash benchmarks/gpu_checks.sh
 # Each part runs on if an earlier one fails; everything printed goes to $OUT/gpu-checks.log.
 set -u
 OUT=${OUT:-gpu-checks}
+PARTS=${PARTS:-12345}
 mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd); rm -rf /tmp/gpu-runs
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -24,10 +29,13 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 'capability', torch.cuda.get_device_capability(0)); print('cpu', torch.backends.cpu.get_cpu_capability())"
 grep -m1 "model name" /proc/cpuinfo; nproc
 
-echo "== 1. CUDA tests"
-timeout 300 $PY -m pytest -q -rs -s -p no:cacheprovider tests/test_cuda.py
+part() { [[ $PARTS == *$1* ]] && echo "== $1. $2"; }
 
-echo "== 2. demo"
+if part 1 "CUDA tests"; then
+timeout 300 $PY -m pytest -q -rs -s -p no:cacheprovider tests/test_cuda.py
+fi
+
+if part 2 "demo"; then
 for precision in auto fp16 fp32; do
     start=$EPOCHREALTIME
     timeout 120 $PY -m orthomod train --config demo --precision "$precision" --out /tmp/gpu-runs \
@@ -39,18 +47,24 @@ import json, pathlib, sys
 runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(pathlib.Path("/tmp/gpu-runs").glob("*/summary.json"))}
 pathlib.Path(sys.argv[1]).write_text(json.dumps(runs, indent=2))
 EOF
+fi
 
-echo "== 3. step time"
-bench() {  # model precision batch
-    timeout 150 $PY benchmarks/bench_step.py --device cuda --model "$1" --precision "$2" --batch-size "$3" \
-        --configs l2,ortho+mod,ortho+mod-host,ortho --rounds 6 --steps-per-round 5 \
-        > "$OUT/bench-step-$1-$2-b$3.json" && grep -A5 '"median_round_ratio_vs_l2"\|"median_step_s"' \
-        "$OUT/bench-step-$1-$2-b$3.json"
+bench() {  # model precision batch [--compile MODE]
+    local name="bench-step-$1-$2-b$3${5:+-compile-$5}"
+    timeout ${TIMEOUT:-150} $PY benchmarks/bench_step.py --device cuda --model "$1" --precision "$2" --batch-size "$3" \
+        --configs l2,ortho+mod,ortho+mod-host,ortho --rounds 6 --steps-per-round 5 "${@:4}" \
+        > "$OUT/$name.json" && grep -A5 '"median_round_ratio_vs_l2"\|"median_step_s"\|"warm_up_s"' "$OUT/$name.json"
 }
+if part 3 "step time"; then
 for model in plain44 plain110; do for precision in bf16 fp32; do bench $model $precision 128; done; done
 bench plain110 bf16 512
-echo "== 4. the host CPU, pinned to 2 cores as this project's CPU machines have: fp32 against bf16"
+fi
+if part 4 "the host CPU, pinned to 2 cores as this project's CPU machines have: fp32 against bf16"; then
 grep -o -w 'amx_bf16\|avx512_bf16' /proc/cpuinfo | sort | uniq -c
 (cd benchmarks && CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=2 timeout 120 taskset -c 0,1 $PY bench_precision.py \
     --models plain20,plain44,plain110 --rounds 3 > "$OUT/bench-precision-host-cpu.json"; cat "$OUT/bench-precision-host-cpu.json")
+fi
+if part 5 "step time with torch.compile"; then
+for mode in default reduce-overhead; do TIMEOUT=120 bench plain44 bf16 128 --compile $mode; done
+fi
 echo "== done $(date -u +%FT%TZ)"

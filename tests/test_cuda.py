@@ -1,7 +1,8 @@
 """The CUDA paths, where a GPU is (skipped elsewhere; run on a lent GPU by benchmarks/gpu_checks.sh):
 no host sync in a modulated training step, the device rule equal to the host rule, fp16's gradient
 scaler ordered before the regularizer, DistributedDataParallel over NCCL, a torchrun job killed
-and resumed, and deterministic runs repeating bit for bit."""
+and resumed, deterministic runs repeating bit for bit, the regularizers in float32 inside a CUDA
+autocast region, and the modulator under torch.compile (inductor) as in eager mode."""
 import copy
 import json
 import math
@@ -164,3 +165,55 @@ def test_deterministic_gpu_runs_repeat_bit_for_bit(tmp_path):
                        check=True, capture_output=True, timeout=300)
     a, b = (load_checkpoint(tmp_path / n / "checkpoint.pt")["model"] for n in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["ortho", "srip", "conv-ortho"])
+def test_every_regularizer_computes_in_float32_inside_a_cuda_autocast_region(name):
+    # as tests/test_regularizers.py on the CPU: a step written inside torch.autocast("cuda") must
+    # not compute V V^T - I of nearly orthonormal weights in bf16
+    from orthomod.regularizers import make_regularizer
+
+    def run(autocast):
+        torch.manual_seed(0)
+        model = create("plain8", init="orthonormal").to(CUDA)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1e-3 * torch.randn_like(p))
+        reg = make_regularizer(name, model)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            reg.add_grad_()
+            value = reg.penalty()
+        return [p.grad for p in model.parameters()], value
+
+    (grads, value), (grads_in, value_in) = run(False), run(True)
+    assert value_in.dtype == torch.float32 and torch.allclose(value_in, value, rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-9) for a, b in zip(grads, grads_in))
+
+
+def test_the_modulator_under_torch_compile_on_the_gpu_gives_the_eager_gradients(monkeypatch):
+    # inductor on the GPU, compiled before the modulator is attached, with dynamo's hook guards on
+    # (the ErrorModulator docstring): float32 gradients as in eager mode, far closer to them than
+    # unmodulated gradients are
+    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", False)
+    torch._dynamo.reset()
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.manual_seed(0)
+    eager = create("plain8", init="orthonormal").to(CUDA)
+    compiled_model, plain = copy.deepcopy(eager), copy.deepcopy(eager)
+    x, y = (t.to(CUDA) for t in _batch())
+    compiled = torch.compile(compiled_model)
+    F.cross_entropy(compiled(x), y).backward()  # compiled without the hooks first
+    compiled_model.zero_grad()
+    F.cross_entropy(plain(x), y).backward()
+    modulators = [ErrorModulator(eager, tau=1.0), ErrorModulator(compiled_model, tau=1.0)]
+    for run in (eager, compiled):
+        F.cross_entropy(run(x), y).backward()
+    flat = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (eager, compiled_model, plain)]
+    error, modulation = (flat[1] - flat[0]).norm(), (flat[2] - flat[0]).norm()
+    assert modulators[1].scales == pytest.approx(modulators[0].scales, rel=1e-3)
+    assert error < 1e-3 * flat[0].norm() and error < 1e-2 * modulation, (error, modulation)
+    print(f"compiled vs eager: relative gradient error {float(error / flat[0].norm()):.2e}, "
+          f"modulation's effect {float(modulation / flat[0].norm()):.2e}")
+    torch._dynamo.reset()

@@ -462,3 +462,28 @@ def test_replicas_of_the_layers_are_refused_and_a_deep_copy_carries_a_modulator_
     assert modulator.scaled == [True, True, False]
     assert all(torch.equal(a, b) for a, b in zip(_grads(twin), _grads(model)))
     modulator.remove()
+
+
+def test_with_hook_guards_on_compiled_code_follows_the_modulator_in_any_order(monkeypatch):
+    # skip_nnmodule_hook_guards = False: compiled code checks the module hooks, so a model compiled
+    # before the modulator was attached, and an instance whose class was compiled elsewhere, are
+    # both recompiled with the hooks and modulated as in eager mode
+    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", False)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = _scaled(Net(Block(6, 6)), [1, 3, 0.3])
+    compiled_first, other = copy.deepcopy(eager), copy.deepcopy(eager)
+    compiled = torch.compile(compiled_first, backend="aot_eager")
+    _one_backward(compiled, lambda: None)  # compiled without hooks
+    compiled_first.zero_grad()
+    with ErrorModulator(eager) as reference:
+        _one_backward(eager, lambda: None)
+    for model, run in ((compiled_first, compiled), (other, torch.compile(other, backend="aot_eager"))):
+        with ErrorModulator(model) as modulator:
+            modulator.step()
+            _one_backward(run, lambda: None)
+            modulator.step()  # raises if the compiled code ran without the hooks
+            assert modulator.scales == pytest.approx(reference.scales, rel=1e-6) and modulator.scaled == [True, True, False]
+        for a, b in zip(_grads(model), _grads(eager)):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    torch._dynamo.reset()

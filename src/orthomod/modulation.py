@@ -31,7 +31,10 @@ attaching it. Compiled code does not notice module hooks added after it was comp
 every instance of the class: the modulator would see nothing and gradients would come out
 unmodulated, so :meth:`step` raises when no modulated layer ran since the previous call.
 Attached first, each modulated layer's hook splits the compiled graph and runs as written
-(exact; tested with the ``aot_eager`` backend).
+(exact; tested with the ``aot_eager`` backend). Or, in any order: set
+``torch._dynamo.config.skip_nnmodule_hook_guards = False`` before the first compiled call, so that
+compiled code checks the module hooks and is recompiled when they change (each instance with
+the modulator then gets code of its own; also tested).
 
 Copies: ``nn.DataParallel`` runs per-device replicas of the layers that share the modulator's
 hooks; a grad-enabled pass through one raises (use ``DistributedDataParallel``, one process per
@@ -244,7 +247,8 @@ class ErrorModulator:
                 "ErrorModulator.step(): none of the modulated layers ran since the last step(), so no error was "
                 "modulated. If the model is compiled, its code was compiled before the modulator was attached (for "
                 "it or another instance of its class) and skips hooks added later: call torch._dynamo.reset() "
-                "after attaching the modulator. Otherwise call step() once per iteration that runs the model")
+                "after attaching the modulator, or set torch._dynamo.config.skip_nnmodule_hook_guards = False before "
+                "compiling. Otherwise call step() once per iteration that runs the model")
         self._stepped, self._runs = True, 0
         self.step_count += 1
 
