@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_config
 from test_distributed import _launcher  # torchrun on a free rendezvous port
+from test_regularizers import regularizer_in_autocast
 from orthomod import ErrorModulator, OrthonormalRegularizer, create
 from orthomod.files import load_checkpoint
 from orthomod.hardware import Precision, choose_precision
@@ -171,24 +172,8 @@ def test_deterministic_gpu_runs_repeat_bit_for_bit(tmp_path):
 def test_every_regularizer_computes_in_float32_inside_a_cuda_autocast_region(name):
     # as tests/test_regularizers.py on the CPU: a step written inside torch.autocast("cuda") must
     # not compute V V^T - I of nearly orthonormal weights in bf16
-    from orthomod.regularizers import make_regularizer
-
-    def run(autocast):
-        torch.manual_seed(0)
-        model = create("plain8", init="orthonormal").to(CUDA)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(1e-3 * torch.randn_like(p))
-        reg = make_regularizer(name, model)
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            reg.add_grad_()
-            value = reg.penalty()
-        return [p.grad for p in model.parameters()], value
-
-    (grads, value), (grads_in, value_in) = run(False), run(True)
-    assert value_in.dtype == torch.float32 and torch.allclose(value_in, value, rtol=1e-5)
+    (grads, values), (grads_in, values_in) = (regularizer_in_autocast(name, "cuda", a) for a in (False, True))
+    assert all(v.dtype == torch.float32 and torch.allclose(v, w, rtol=1e-5) for v, w in zip(values_in, values))
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-9) for a, b in zip(grads, grads_in))
 
 

@@ -124,28 +124,31 @@ def test_rejects_bad_input():
         OrthonormalRegularizer([w, w])
 
 
+def regularizer_in_autocast(name, device, autocast):
+    """Gradients and values of regularizer ``name`` on a nearly orthonormal plain-8 on ``device``,
+    called inside a bf16 autocast region or not (also used by tests/test_cuda.py)."""
+    from orthomod.regularizers import conv_orthogonality_penalty, make_regularizer
+
+    torch.manual_seed(0)
+    model = create("plain8", init="orthonormal").to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    reg = make_regularizer(name, model)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+        reg.add_grad_()
+        values = [reg.penalty(), reg.loss(), orthonormal_penalty(reg.params[0]),
+                  conv_orthogonality_penalty(reg.params[0])]
+    return [p.grad for p in model.parameters()], values
+
+
 @pytest.mark.parametrize("name", ["ortho", "srip", "conv-ortho"])
 def test_every_regularizer_computes_in_the_weights_dtype_inside_an_autocast_region(name):
     # a training step written inside torch.autocast must not run V V^T - I in bf16: for nearly
     # orthonormal weights the residual would be lost to rounding (35-78% off before the fix)
-    from orthomod.regularizers import conv_orthogonality_penalty, make_regularizer
-
-    def run(autocast):
-        torch.manual_seed(0)
-        model = create("plain8", init="orthonormal")
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(1e-3 * torch.randn_like(p))
-        reg = make_regularizer(name, model)
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            reg.add_grad_()
-            values = [reg.penalty(), reg.loss(), orthonormal_penalty(reg.params[0]),
-                      conv_orthogonality_penalty(reg.params[0])]
-        return [p.grad for p in model.parameters()], values
-
-    (grads, values), (grads_in, values_in) = run(False), run(True)
+    (grads, values), (grads_in, values_in) = (regularizer_in_autocast(name, "cpu", a) for a in (False, True))
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_in))
     assert all(v.dtype == torch.float32 and torch.equal(a, v) for a, v in zip(values, values_in))
 
