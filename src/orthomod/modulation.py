@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import types
 import weakref
 from functools import partial
 
@@ -219,7 +220,11 @@ class ErrorModulator:
         self._current: _Pass | None = None
         self._last: tuple[_Pass, int] | None = None  # the pass and backward call last reached
         self._statistics: tuple[tuple, dict] | None = None  # host copy of _last's numbers
-        self._handles = [layer.register_forward_hook(self._untraced_forward_hook) for layer in self.layers]
+        # The forward hook is never traced by torch.compile: it is bookkeeping on the autograd graph and
+        # runs as written between the compiled pieces (traced, dynamo recompiled it once per layer until
+        # its limit). A bound method, so that a deepcopy of the model copies the modulator with it.
+        hook = types.MethodType(torch.compiler.disable(type(self)._forward_hook), self)
+        self._handles = [layer.register_forward_hook(hook) for layer in self.layers]
 
     @staticmethod
     def _checked(tau, until_step, rule) -> tuple[float, int | None, str]:
@@ -265,16 +270,6 @@ class ErrorModulator:
         self.tau, self.until_step, self.rule = tau, until_step, rule
 
     # -- hooks --------------------------------------------------------------------------------
-    def __getattr__(self, name: str):
-        # The forward hook is never traced by torch.compile: it is bookkeeping on the autograd graph
-        # and runs as written between the compiled pieces (traced, dynamo recompiled it once per
-        # layer until its limit). Made on first use, as dynamo takes seconds to import; kept on the
-        # class so that the hook stays a bound method (a deepcopy then copies the modulator with it).
-        if name != "_untraced_forward_hook":
-            raise AttributeError(name)
-        ErrorModulator._untraced_forward_hook = torch.compiler.disable(ErrorModulator._forward_hook)
-        return getattr(self, name)
-
     def _forward_hook(self, layer: nn.Module, inputs, output) -> None:
         self._runs += 1
         if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
