@@ -9,16 +9,20 @@ the CPU or (``--device cuda``) a GPU, for:
   naive+mod  the penalty as a loss term through autograd + ErrorModulator
   ortho+mod-host  ortho+mod with the modulation rule on host floats (one device-to-host wait
              per layer on a GPU; the default there keeps it on the device)
+  ortho+mod-device  ortho+mod with the rule on device tensors (the GPU default) wherever it runs:
+             on the CPU at a small batch, where the time is the ops' dispatch, a stand-in for a GPU's
+             launch-bound step
   srip       SRIPRegularizer.add_grad_() (Bansal et al. 2018) in place of weight decay
   conv-ortho ConvOrthogonalityRegularizer.add_grad_() (Wang et al. 2020) in place of weight decay
   ortho+mod@REV  ortho+mod with the ErrorModulator of git revision REV (``--against REV``): an
-             earlier implementation against today's, in one process
+             earlier implementation against today's, in one process (also ortho+mod-device@REV)
 Configurations are interleaved round by round (the machine is noisy) and the medians compared,
 both of wall time and of the process's CPU time (``time.process_time``, all threads): on a shared
 VM the time the hypervisor gives to other guests lands in wall time but not in CPU time.
 
     python benchmarks/bench_step.py --model plain110 --batch-size 128 --rounds 10 --tau 1
     python benchmarks/bench_step.py --configs l2,ortho+mod --against d9db74f
+    python benchmarks/bench_step.py --batch-size 2 --configs l2,ortho+mod-device,ortho+mod-device@65fda72
     python benchmarks/bench_step.py --device cuda --precision bf16 --configs l2,ortho+mod,ortho
     python benchmarks/bench_step.py --device cuda --configs l2,ortho+mod --compile default
 
@@ -88,8 +92,9 @@ def make_step(name: str, base: torch.nn.Module, tau: float, precision, device: t
         reg = OrthonormalRegularizer(model, 1e-4) if name != "l2" else None
     modulator = None
     if "+mod" in name:
-        modulator_class = modulator_at(name.split("@", 1)[1]) if "@" in name else ErrorModulator
-        options = {"rule_on_device": False} if name.endswith("-host") else {}
+        kind, _, revision = name.partition("@")
+        modulator_class = modulator_at(revision) if revision else ErrorModulator
+        options = {"rule_on_device": {"host": False, "device": True}[kind.rsplit("-", 1)[1]]} if "-" in kind else {}
         modulator = modulator_class(model, tau=tau, **options)
     scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
     forward = torch.compile(model, mode=compile_mode) if compile_mode else model  # after the modulator's hooks

@@ -300,6 +300,58 @@ def test_device_and_host_rules_agree(tau, rule):
     assert all(float((a - b).norm() / b.norm()) < 1e-12 for a, b in zip(grads_device, grads_host))
 
 
+class _EdgeNet(nn.Module):
+    """1x1 convs a -> b -> c (no mixing of positions), c's output times ``gain`` (per position)
+    before the loss, b's output reaching c only where ``mask`` is True, and an auxiliary loss on
+    a's output that bypasses b and c."""
+
+    def __init__(self, gain, mask):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Conv2d(3 if i == 0 else 4, 4, 1, bias=False) for i in range(3))
+        self.gain, self.mask = gain, mask
+
+    def forward(self, x):
+        h = self.a(x)
+        return (self.c(torch.where(self.mask, self.b(h), 0.0)) * self.gain).mean() + h.square().mean()
+
+
+def _edge(case):
+    gain, mask = torch.ones(3, 3, dtype=torch.float64), torch.ones(3, 3, dtype=torch.bool)
+    if case == "zero":  # b gets no error (q = 0) under a c that has one: ratio inf; a's reference 0
+        mask[:] = False
+    else:  # c's moment nan or inf at one position that b's error does not come from
+        gain[0, 0], mask[0, 0] = (math.nan if case == "nan" else math.inf), False
+    return _EdgeNet(gain, mask).double()
+
+
+@pytest.mark.parametrize("case", ["zero", "nan", "inf"])
+@pytest.mark.parametrize("tau, rule", [(1.0, "consecutive"), (1.5, "consecutive"), (1.5, "top")])
+def test_device_and_host_rules_agree_on_zero_inf_and_nan_moments(case, tau, rule):
+    # the host rule leaves a layer whose moment is 0, inf or nan alone, scales to a reference of 0
+    # (factor 0) or inf, and leaves a layer with a nan reference alone: the device rule's fewer
+    # ops must do the same
+    torch.manual_seed(0)
+    base = _edge(case)
+    x = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    results = []
+    for on_device in (True, False):
+        model = copy.deepcopy(base)
+        with ErrorModulator(model, tau=tau, rule=rule, rule_on_device=on_device) as modulator:
+            model(x).backward()
+            results.append(([p.grad for p in model.parameters()], modulator.statistics()))
+    (grads_device, stats_device), (grads_host, stats_host) = results
+    for key in stats_host:
+        assert stats_device[key] == pytest.approx(stats_host[key], rel=1e-13, nan_ok=True), key
+    for a, b in zip(grads_device, grads_host):
+        assert torch.allclose(a, b, rtol=1e-13, atol=0, equal_nan=True)
+    before, scales = stats_host["moments_before"], stats_host["scales"]
+    if case == "zero":  # b left alone with q = 0; a scaled to b's moment, 0 (top rule: to c's)
+        assert before[1] == 0.0 and scales[1] == 1.0 and before[0] > 0 and (scales[0] == 0.0) == (rule == "consecutive")
+    else:  # c's moment nan/inf, left alone; b's error finite, its reference nan (left alone) or inf
+        assert not math.isfinite(before[2]) and scales[2] == 1.0 and math.isfinite(before[1]) and before[1] > 0
+        assert scales[1] == (1.0 if case == "nan" else math.inf)
+
+
 def test_a_second_modulator_on_one_model_is_refused_until_the_first_is_removed():
     model = create("plain8")
     first = ErrorModulator(model)

@@ -70,11 +70,11 @@ What "mismatch" means is open in the paper (docs/METHOD-NOTES.md); two rules are
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import types
 import weakref
-from functools import partial
 
 import torch
 from torch import nn
@@ -100,6 +100,12 @@ def _root_sum_of_squares(t: torch.Tensor) -> torch.Tensor:
     if t.dim() > 1 and t.device.type == "cpu":  # a GPU reduces it in one launch
         t = torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())), **wide)
     return torch.linalg.vector_norm(t, **wide)
+
+
+@functools.lru_cache(maxsize=None)
+def _zero(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-dim zero on ``device``, made once (the base of the device rule's moment)."""
+    return torch.zeros((), device=device, dtype=dtype)
 
 
 def _host_floats(values: list) -> list[float]:
@@ -280,7 +286,7 @@ class ErrorModulator:
                                "attached to, one pass at a time. Use DistributedDataParallel (one process per device), "
                                "which it follows exactly")
         if _backward_task() != -1:  # a forward inside a backward pass: checkpoint's recomputation
-            output.register_hook(partial(_refuse_reentrant, self._names[layer]))
+            output.register_hook(functools.partial(_refuse_reentrant, self._names[layer]))
             return
         if not (self.active or self.monitor):
             self._current = None
@@ -294,7 +300,7 @@ class ErrorModulator:
         for below in self._nearest_below(output.grad_fn):
             below.above.append(node)
         output.grad_fn.metadata[self._tag] = node
-        output.register_hook(partial(self._backward_hook, node))
+        output.register_hook(functools.partial(self._backward_hook, node))
 
     def _nearest_below(self, fn) -> list[_Node]:
         """The nodes of this modulator nearest below ``fn`` on the autograd graph, each once.
@@ -353,19 +359,24 @@ class ErrorModulator:
         if not on_device:
             return self._host_rule(node, reference, float(norm) ** 2 / node.numel, grad)
         # Each op here is a kernel launch on a 0-dim tensor, and launches are what this costs on a
-        # GPU (docs/PERFORMANCE.md, "On a GPU"): the rule is written in as few as it takes.
+        # GPU (docs/PERFORMANCE.md, "On a GPU"): the rule is written in as few as it takes, with the
+        # host rule's results (its comparisons are False for nan).
         wide = torch.float32 if norm.device.type == "mps" else torch.float64
-        q = norm.to(wide).square_().div_(node.numel)  # the second moment, as on the host
+        q = torch.addcmul(_zero(norm.device, wide), norm, norm, value=1.0 / node.numel)  # the second moment, in wide
         node.before = q
         if reference is None:
             node.after, node.scale = q, 1.0
             return None
         ratio = reference / q  # = target / q for the consecutive rule
-        modulate = (ratio > self.tau) | (ratio < 1.0 / self.tau)
-        modulate &= (q > 0) & (q < math.inf)  # not when q is 0, inf or nan
-        if self.rule == "top":  # back to the nearest edge of [q^L / tau, q^L * tau]
+        modulate = q.log().isfinite()  # not when q is 0, inf or nan
+        if self.rule == "top":  # back to the nearest edge of [q^L / tau, q^L * tau]; 1 inside it (x / x)
             ratio = ratio / ratio.clamp(1.0 / self.tau, self.tau)
-        squared = torch.where(modulate, ratio, 1.0)  # the factor squared; 1: inside the band, or q 0/inf/nan
+            modulate &= ratio == ratio  # not when the reference is nan
+        elif self.tau == 1.0:  # every ratio but 1 is outside the band, and at 1 the factor is 1 anyway
+            modulate &= ratio == ratio
+        else:
+            modulate &= (ratio > self.tau) | (ratio < 1.0 / self.tau)
+        squared = torch.where(modulate, ratio, 1.0)  # the factor squared
         scale = squared.sqrt()
         node.after, node.scale = q * squared, scale
         return grad * scale
