@@ -6,7 +6,8 @@
 #   2. the demo with the defaults (auto: bf16 there), then --precision fp16 and fp32: wall time, accuracy
 #   3. bench_step.py on the GPU: the method's cost against weight decay, with the modulation rule
 #      on the device (the default there) and on host floats, plain-44 and plain-110, bf16 and fp32
-#      at batch 128, and plain-110 bf16 at batch 512
+#      at batch 128, and plain-110 bf16 at batch 512; then the device rule against its previous,
+#      longer version (65fda72) in one process
 #   4. bench_precision.py on the host CPU pinned to 2 cores (AMX Xeons: fp32 against bf16)
 #   5. bench_step.py with torch.compile (inductor, then CUDA graphs): the method's cost when
 #      the model is compiled, plain-44 bf16
@@ -49,8 +50,8 @@ pathlib.Path(sys.argv[1]).write_text(json.dumps(runs, indent=2))
 EOF
 fi
 
-bench() {  # model precision batch [--compile MODE]
-    local name="bench-step-$1-$2-b$3${5:+-compile-$5}"
+bench() {  # model precision batch [--compile MODE | --against REV]
+    local name="bench-step-$1-$2-b$3${5:+-${4#--}-$5}"
     timeout ${TIMEOUT:-150} $PY benchmarks/bench_step.py --device cuda --model "$1" --precision "$2" --batch-size "$3" \
         --configs l2,ortho+mod,ortho+mod-host,ortho --rounds 6 --steps-per-round 5 "${@:4}" \
         > "$OUT/$name.json" && grep -A5 '"median_round_ratio_vs_l2"\|"median_step_s"\|"warm_up_s"' "$OUT/$name.json"
@@ -58,6 +59,7 @@ bench() {  # model precision batch [--compile MODE]
 if part 3 "step time"; then
 for model in plain44 plain110; do for precision in bf16 fp32; do bench $model $precision 128; done; done
 bench plain110 bf16 512
+bench plain110 bf16 128 --against 65fda72   # the device rule in 16 ops (before 2026-11-26's 10-12), same process
 fi
 if part 4 "the host CPU, pinned to 2 cores as this project's CPU machines have: fp32 against bf16"; then
 grep -o -w 'amx_bf16\|avx512_bf16' /proc/cpuinfo | sort | uniq -c
