@@ -149,6 +149,11 @@ def main() -> None:
     x = torch.randn(args.batch_size, 3, 32, 32).to(device, memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch_size,)).to(device)
     names = args.configs.split(",")
+    known = ("l2", "ortho+mod", "ortho", "naive+mod", "ortho+mod-host", "ortho+mod-device", "srip", "conv-ortho")
+    unknown = [n for n in names if n.partition("@")[0] not in known or ("@" in n and "+mod" not in n)]
+    if unknown or "l2" not in names:
+        parser.error(f"--configs: {', '.join(unknown) or 'l2 missing'}: choose from {', '.join(known)} "
+                     "(l2 is the reference; NAME@REV for a +mod configuration with another revision's modulator)")
     steps = {n: make_step(n, base, args.tau, precision, device, args.compile) for n in names}
     warm_start = time.perf_counter()
     for n in names:  # warm-up: allocator, oneDNN kernel selection, compilation (CUDA graphs record on call 2)
