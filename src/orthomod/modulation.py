@@ -22,7 +22,9 @@ chain it is the next conv. Its moment is the pooled one, the mean square over al
 together. The top rule's ``q^L`` is the pooled moment of the topmost nodes above ``l`` (those
 with no modulated node above them). A node none of whose upper nodes took part in the current
 backward pass (``loss.backward()``, ``torch.autograd.grad``, each call on its own) is a top
-node and is left alone. State belongs to the pass and the backward call it came from.
+node and is left alone. State belongs to the pass and the backward call it came from. A node
+whose moment is 0, inf or nan is left alone; a reference of 0 scales the node's error to 0, one
+of inf to inf, and a nan reference leaves it alone (docs/METHOD-NOTES.md).
 
 ``torch.compile``: attach the modulator before the model is compiled, and before any other
 instance of its class is compiled in the process, or call ``torch._dynamo.reset()`` after
