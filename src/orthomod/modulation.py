@@ -373,9 +373,8 @@ class ErrorModulator:
         modulate = q.log().isfinite()  # not when q is 0, inf or nan
         if self.rule == "top":  # back to the nearest edge of [q^L / tau, q^L * tau]; 1 inside it (x / x)
             ratio = ratio / ratio.clamp(1.0 / self.tau, self.tau)
-            modulate &= ratio == ratio  # not when the reference is nan
-        elif self.tau == 1.0:  # every ratio but 1 is outside the band, and at 1 the factor is 1 anyway
-            modulate &= ratio == ratio
+        if self.rule == "top" or self.tau == 1.0:  # no band test can change the factor (tau 1: 1 at ratio 1)
+            modulate &= ratio == ratio  # only not when the reference is nan
         else:
             modulate &= (ratio > self.tau) | (ratio < 1.0 / self.tau)
         squared = torch.where(modulate, ratio, 1.0)  # the factor squared

@@ -109,13 +109,13 @@ def distinct_weights(named: list[tuple[str, nn.Module]], user: str,
     first: dict[int, tuple[str, nn.Module]] = {}
     distinct = []
     for name, module in named:
-        weight = module._parameters.get("weight")
-        if weight is None or id(weight) not in first:  # None: parametrized, for plain_weight to refuse
-            if weight is not None:
-                first[id(weight)] = (name, module)
+        weight = module._parameters.get("weight")  # None: parametrized, for plain_weight to refuse by name
+        key = id(weight if weight is not None else module)
+        if key not in first:
+            first[key] = (name, module)
             distinct.append((name, module))
             continue
-        earlier, other = first[id(weight)]
+        earlier, other = first[key]
         if layout(other) != layout(module):
             raise ValueError(f"{user}: layers {earlier or '<model>'!r} ({type(other).__name__}) and {name or '<model>'!r} "
                              f"({type(module).__name__}) share one weight but lay it out differently "
