@@ -221,6 +221,9 @@ LEADERBOARD_METHODS: dict[str, tuple[str, list[str]]] = {
     # added 2026-11-26 (Mishkin & Matas 2016; docs/METHOD-NOTES.md, LSUV), after the rows above in the queue
     "lsuv": ("LSUV: orthonormal init scaled to unit output variance per layer, no BN, L2, lr 0.01",
              ["--init", "lsuv", "--norm", "none", "--reg", "l2", "--lr", "0.01"]),
+    # added 2026-11-26 (Balduzzi et al. 2017; docs/METHOD-NOTES.md, Looks-linear), after LSUV in the queue
+    "looks-linear": ("looks-linear: CReLU + mirrored delta-orthogonal init, L2",
+                     ["--activation", "crelu", "--init", "looks-linear", "--reg", "l2"]),
 }
 # 150-iteration probes of the rows not yet run when the queue was set (2026-11-26), at the row's
 # setting and at the ones it replaced (RESULTS.md, Leaderboard: why conv-orthogonality takes 1e-4
@@ -229,7 +232,7 @@ PROBE_VARIANTS = {"l2": {"": None}, "dirac-param": {"": None}, "srip": {"": None
                   "conv-ortho": {"-coeff0.1": ("--reg-coeff", "0.1"), "": None},
                   "isonet": {"-lr0.1": ("--lr", "0.1"), "-lr0.03": ("--lr", "0.03"), "": None},
                   "tat": {"-lr0.1": ("--lr", "0.1"), "-lr0.03": ("--lr", "0.03"), "": None},
-                  "lsuv": {"-lr0.1": ("--lr", "0.1"), "": None}}
+                  "lsuv": {"-lr0.1": ("--lr", "0.1"), "": None}, "looks-linear": {"": None}}
 PROBE_OF = {f"lb-probe-{key}{suffix}-s0": (key, change)  # probe -> (row, the setting changed or None)
             for key, variants in PROBE_VARIANTS.items() for suffix, change in variants.items()}
 PROBES = {name: [*C10, "--model", "plain44", "--iterations", "150", "--seed", "0",

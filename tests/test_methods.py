@@ -13,8 +13,8 @@ from torch import nn
 
 from conftest import tiny_config
 from orthomod.cli import main
-from orthomod.init import delta_orthogonal_, dirac_delta, init_model_
-from orthomod.layers import DiracParametrization, SReLU, dirac_parametrize_, fold_, is_dirac_parametrized
+from orthomod.init import delta_orthogonal_, dirac_delta, init_model_, looks_linear_
+from orthomod.layers import CReLU, DiracParametrization, SReLU, dirac_parametrize_, fold_, is_dirac_parametrized
 from orthomod.models import create
 from orthomod.regularizers import (ConvOrthogonalityRegularizer, SRIPRegularizer, conv_orthogonality_penalty,
                                    make_regularizer)
@@ -144,6 +144,53 @@ def test_srelu_closed_forms():
         create("resnet8", activation="srelu")
 
 
+# -- CReLU and looks-linear init ---------------------------------------------------------------------
+def test_crelu_is_relu_of_x_then_of_minus_x():
+    x = torch.tensor([[[[1.5, -2.0]], [[0.0, 3.0]]]])  # (1, 2, 1, 2)
+    expected = torch.tensor([[[[1.5, 0.0]], [[0.0, 3.0]], [[0.0, 2.0]], [[0.0, 0.0]]]])
+    assert torch.equal(CReLU()(x), expected)
+
+
+@pytest.mark.parametrize("shape, stride", [((16, 16, 3, 3), 1), ((32, 16, 3, 3), 2), ((8, 32, 5, 5), 1),
+                                           ((6, 8, 3), 1), ((10, 128), 1)])
+def test_looks_linear_layer_computes_its_first_half_on_x(shape, stride):
+    w = looks_linear_(torch.empty(shape, dtype=torch.float64))
+    half = shape[1] // 2
+    assert torch.equal(w[:, half:], -w[:, :half])
+    x = torch.randn(3, half, *(9,) * (len(shape) - 2), dtype=torch.float64)
+    if len(shape) == 2:
+        out, linear = F.linear(CReLU()(x), w), F.linear(x, w[:, :half])
+    else:
+        conv = {3: F.conv1d, 4: F.conv2d}[len(shape)]
+        pad = shape[-1] // 2
+        out, linear = conv(CReLU()(x), w, stride=stride, padding=pad), conv(x, w[:, :half], stride=stride, padding=pad)
+    torch.testing.assert_close(out, linear, rtol=0, atol=1e-12)  # W [relu(x), relu(-x)] = W0 x
+    if len(shape) == 4 and stride == 1 and shape[0] >= half:  # W0 delta-orthogonal: an isometry of x
+        torch.testing.assert_close(out.norm(), x.norm(), rtol=1e-12, atol=0)
+
+
+def test_looks_linear_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="input width C_in is even"):
+        looks_linear_(torch.empty(8, 5, 3, 3))
+    with pytest.raises(ValueError, match="odd kernel sizes"):
+        looks_linear_(torch.empty(8, 4, 2, 2))
+    with pytest.raises(TypeError, match="floating-point"):
+        looks_linear_(torch.empty(8, 4, 3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="use activation='crelu'"):
+        create("plain8", init="looks-linear")
+
+
+def test_a_looks_linear_crelu_net_starts_linear_and_a_crelu_net_otherwise_does_not():
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(2, 3, 3, 32, 32, dtype=torch.float64)
+    for init, linear in (("looks-linear", True), ("msra", False)):
+        model = create("plain14", activation="crelu", init=init).double().eval()  # BN: x / sqrt(1 + eps), linear
+        gap = (model(x1 + 2 * x2) - model(x1) - 2 * model(x2)).abs().max() / model(x1).abs().max()
+        assert (gap < 1e-12) == linear, (init, gap)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.in_channels for c in convs[:3]] == [3, 32, 32] and model[-1].fc.in_features == 128
+
+
 # -- SRIP ----------------------------------------------------------------------------------------------
 def test_srip_estimate_converges_to_the_spectral_norm_and_its_gradient_to_autograds():
     torch.manual_seed(0)
@@ -246,6 +293,7 @@ def test_every_regularizer_shares_the_interface():
     ["--parametrization", "dirac", "--reg", "l2", "--modulation", "on"],
     ["--init", "orthonormal", "--reg", "srip"],
     ["--init", "lsuv", "--norm", "none", "--lr", "0.01"],
+    ["--init", "looks-linear", "--activation", "crelu", "--reg", "ortho", "--modulation", "on"],
 ])
 def test_combinations_train_and_resume(tmp_path, flags, monkeypatch):
     toml = tmp_path / "t.toml"
@@ -285,6 +333,8 @@ def test_srip_vectors_are_checkpointed(tmp_path):
     (["--parametrization", "dirac", "--reg", "ortho"], "DiracNets train W with weight decay"),
     (["--model", "resnet8", "--activation", "srelu"], "built for the CIFAR plain nets"),
     (["--init", "identity"], "init = 'identity' is not valid"),
+    (["--init", "looks-linear"], "add --activation crelu"),
+    (["--model", "resnet8", "--activation", "crelu"], "built for the CIFAR plain nets"),
     (["--reg", "spectral"], "reg = 'spectral' is not valid"),
 ])
 def test_impossible_combinations_are_refused_in_one_line(tmp_path, capsys, flags, message):

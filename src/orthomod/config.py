@@ -19,7 +19,7 @@ from .data import DATASETS
 from .errors import OrthomodError
 from .hardware import PRECISIONS
 from .init import DATA_INIT_SCHEMES, INIT_SCHEMES
-from .models import ACTIVATIONS, NORMS, parse_model_name
+from .models import ACTIVATIONS, MODEL_INIT_SCHEMES, NORMS, parse_model_name
 from .modulation import MODULATION_RULES
 from .regularizers import DEFAULT_COEFF, REGULARIZERS
 
@@ -77,14 +77,16 @@ class TrainConfig:
     warmup_steps: int = _opt(0, "linear lr warm-up from lr/10 over this many steps")
     # the method
     init: str = _opt("msra", "msra, orthonormal, delta-orthogonal, dirac, suo-delta (TAT's), lsuv (orthonormal, "
-                             "then unit output variance per layer on the first batch) or default")
+                             "then unit output variance per layer on the first batch), looks-linear (with "
+                             "activation crelu) or default")
     reg: str = _opt("l2", "l2 (weight decay), ortho (the paper's orthonormality), srip, conv-ortho or none")
     reg_coeff: float | None = _opt(None, "weight decay / lambda (default per reg: l2, ortho 1e-4; srip 1e-2; "
                                          "conv-ortho 1e-4)")
     l2_beside: float = _opt(0.0, "L2 weight decay on conv/linear weights beside an orthogonality reg (ortho, "
                                  "srip, conv-ortho); ISONet keeps 1e-4 beside its penalty (0: the reg replaces it)")
     decay_bn_bias: bool = _opt(False, "also L2-decay BN parameters and biases (off: docs/METHOD-NOTES.md)")
-    activation: str = _opt("relu", "relu, srelu (ISONet) or tat (needs orthomod[tat] and norm none); plain nets")
+    activation: str = _opt("relu", "relu, srelu (ISONet), tat (needs orthomod[tat] and norm none) or crelu "
+                                   "([relu(x), relu(-x)]: twice the channels); plain nets")
     norm: str = _opt("bn", "bn or none (without BN the convs get a bias); plain nets")
     parametrization: str = _opt("none", "none or dirac (DiracNets: W = a delta + b W/|W|; train with reg l2)")
     modulation: bool = _opt(False, "backward error modulation on/off")
@@ -121,7 +123,7 @@ class TrainConfig:
         choices = {
             "dataset": DATASETS, "augment": ("flip", "flip-crop", "none"), "normalize": ("pixel", "channel"),
             "optimizer": OPTIMIZERS, "schedule": ("step", "cosine", "constant"),
-            "init": INIT_SCHEMES + DATA_INIT_SCHEMES,
+            "init": INIT_SCHEMES + DATA_INIT_SCHEMES + MODEL_INIT_SCHEMES,
             "reg": ("l2", *REGULARIZERS, "none"), "modulation_rule": MODULATION_RULES,
             "on_bad_image": ("skip", "error"), "precision": PRECISIONS, "activation": ACTIVATIONS, "norm": NORMS,
             "parametrization": ("none", "dirac"),
@@ -142,6 +144,9 @@ class TrainConfig:
         if self.activation == "tat" and self.norm != "none":
             raise ConfigError("activation tat is for nets without normalization: add --norm none "
                               "(and --init suo-delta, its init)")
+        if self.init == "looks-linear" and self.activation != "crelu":
+            raise ConfigError(f"init looks-linear mirrors the weights that a CReLU feeds; activation {self.activation} "
+                              "has none: add --activation crelu")
         if self.init == "suo-delta" and self.norm != "none":
             raise ConfigError("init suo-delta (DKS/TAT) is for nets without normalization: add --norm none")
         if self.parametrization == "dirac" and self.reg in REGULARIZERS:

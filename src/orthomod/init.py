@@ -23,7 +23,7 @@ from .weights import LayerFilter, filter_matrices, geometry, is_weight_layer, pl
     weight_from_filters, weight_layers
 
 __all__ = ["orthonormal_", "delta_orthogonal_", "dirac_delta", "group_slices", "check_weight", "is_weight_layer",
-           "init_model_", "lsuv_", "INIT_SCHEMES", "DATA_INIT_SCHEMES"]
+           "looks_linear_", "init_model_", "lsuv_", "INIT_SCHEMES", "DATA_INIT_SCHEMES"]
 
 INIT_SCHEMES = ("orthonormal", "msra", "default", "delta-orthogonal", "dirac", "suo-delta")
 DATA_INIT_SCHEMES = ("lsuv",)  # need a batch of data: orthonormal init, then lsuv_ (the trainer does both)
@@ -129,6 +129,37 @@ def delta_orthogonal_(tensor: torch.Tensor, gain: float = 1.0,
     with torch.no_grad():
         tensor.zero_()
         tensor[(slice(None), slice(None)) + centre] = matrix.to(tensor.dtype)
+    return tensor
+
+
+def looks_linear_(tensor: torch.Tensor, gain: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Looks-linear init (Balduzzi et al. 2017) of a conv or linear weight fed by a CReLU,
+    ``[relu(x), relu(-x)]`` (:class:`orthomod.layers.CReLU`): ``W = [W0, -W0]`` over the input
+    channels, so that ``W [relu(x), relu(-x)] = W0 x``, and the layer starts linear in ``x``.
+    ``W0`` (input width half of ``W``'s) is delta-orthogonal for a conv (:func:`delta_orthogonal_`:
+    the conv then preserves the norm of ``x`` when ``C_out >= C_in / 2``) and semi-orthogonal for
+    a linear weight, times ``gain``. PyTorch's layout; the input width must be even.
+
+    >>> w = looks_linear_(torch.empty(16, 32, 3, 3, dtype=torch.float64))
+    >>> x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
+    >>> crelu = torch.cat((x.relu(), (-x).relu()), dim=1)
+    >>> torch.allclose(torch.nn.functional.conv2d(crelu, w, padding=1).norm(), x.norm())
+    True
+    """
+    if not tensor.is_floating_point():
+        raise TypeError(f"looks_linear_ needs a floating-point tensor, got {tensor.dtype}")
+    if tensor.dim() < 2 or tensor.numel() == 0 or tensor.shape[1] % 2:
+        raise ValueError(f"looks_linear_ takes a non-empty conv or linear weight (C_out, C_in, ...) whose input width "
+                         f"C_in is even (a CReLU's [relu(x), relu(-x)]), got shape {tuple(tensor.shape)}")
+    half = tensor.shape[1] // 2
+    w0 = torch.empty((tensor.shape[0], half, *tensor.shape[2:]), dtype=torch.float64)
+    if tensor.dim() == 2:
+        w0.copy_(gain * _semi_orthogonal(tensor.shape[0], half, generator))
+    else:
+        delta_orthogonal_(w0, gain, generator)
+    with torch.no_grad():
+        tensor.copy_(torch.cat((w0, -w0), dim=1).to(tensor.dtype))
     return tensor
 
 

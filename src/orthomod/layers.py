@@ -1,8 +1,13 @@
-"""Layers from other work on deep plain nets: SReLU (ISONet) and the Dirac parametrization (DiracNets).
+"""Layers from other work on deep plain nets: SReLU (ISONet), CReLU (looks-linear nets) and the
+Dirac parametrization (DiracNets).
 
 SReLU (Qi et al. 2020, "Deep Isometric Learning for Visual Recognition"): ``relu(x - b) + b``
 with a learnable per-channel ``b``, started at -1; ``b = 0`` is ReLU, and a very negative ``b``
 makes it the identity on the inputs it sees, so a net starts close to linear (isometric).
+
+CReLU (Shang et al. 2016; Balduzzi et al. 2017 for deep plain nets): ``[relu(x), relu(-x)]``
+along the channels, twice as many channels out as in. A layer it feeds, started by
+:func:`orthomod.init.looks_linear_` as ``[W0, -W0]``, computes ``W0 x``: the net starts linear.
 
 Dirac parametrization (Zagoruyko & Komodakis 2017, "DiracNets"): each conv's weight is
 
@@ -30,7 +35,7 @@ from torch.nn.utils import parametrize
 from .init import dirac_delta
 from .weights import CONV_TYPES, weight_layers
 
-__all__ = ["SReLU", "DiracParametrization", "dirac_parametrize_", "fold_", "is_dirac_parametrized"]
+__all__ = ["SReLU", "CReLU", "DiracParametrization", "dirac_parametrize_", "fold_", "is_dirac_parametrized"]
 
 
 class SReLU(nn.Module):
@@ -46,6 +51,13 @@ class SReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.bias.numel()}"
+
+
+class CReLU(nn.Module):
+    """``[relu(x), relu(-x)]`` concatenated along dimension 1: twice the channels of ``x``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(torch.cat((x, -x), dim=1))
 
 
 class DiracParametrization(nn.Module):

@@ -23,14 +23,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .init import init_model_
-from .layers import SReLU
+from .init import init_model_, looks_linear_
+from .layers import CReLU, SReLU
 
 __all__ = ["create", "parse_model_name", "list_models", "plain_cifar", "resnet_cifar", "PAPER_DEPTHS",
-           "ACTIVATIONS", "NORMS"]
+           "ACTIVATIONS", "NORMS", "MODEL_INIT_SCHEMES"]
 
 PAPER_DEPTHS = (20, 32, 44, 56, 110)
-ACTIVATIONS = ("relu", "srelu", "tat")
+ACTIVATIONS = ("relu", "srelu", "tat", "crelu")
+MODEL_INIT_SCHEMES = ("looks-linear",)  # need to know which layers a CReLU feeds: plain nets with activation crelu
 NORMS = ("bn", "none")
 _WIDTHS = (16, 32, 64)
 
@@ -48,8 +49,9 @@ class ConvBNReLU(nn.Sequential):
     """One Conv-BN-ReLU triple (the conv has no bias: BN's shift replaces it).
 
     ``norm="none"`` puts an identity in BN's place and gives the conv a bias;
-    ``activation="srelu"`` uses :class:`orthomod.layers.SReLU` (ISONet) instead of ReLU; a
-    module given as ``activation`` is used as it is (TAT's activation, shared by every layer).
+    ``activation="srelu"`` uses :class:`orthomod.layers.SReLU` (ISONet) instead of ReLU,
+    ``"crelu"`` :class:`orthomod.layers.CReLU` (twice ``out_channels`` channels out); a module
+    given as ``activation`` is used as it is (TAT's activation, shared by every layer).
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, activation: str | nn.Module = "relu",
@@ -60,6 +62,8 @@ class ConvBNReLU(nn.Sequential):
             act = nn.ReLU(inplace=True)
         elif activation == "srelu":
             act = SReLU(out_channels)
+        elif activation == "crelu":
+            act = CReLU()
         else:
             act = None
         if act is None or norm not in NORMS:
@@ -81,30 +85,45 @@ class _Head(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def _cifar_body(per_stage: int, make_layer: Callable[[int, int, int], nn.Module], **stem) -> list[nn.Module]:
-    """The stem conv and three stages of ``per_stage`` layers (stride 2 entering stages 2, 3)."""
+def _cifar_body(per_stage: int, make_layer: Callable[[int, int, int], nn.Module], expand: int = 1,
+                **stem) -> list[nn.Module]:
+    """The stem conv and three stages of ``per_stage`` layers (stride 2 entering stages 2, 3);
+    each layer's output has ``expand`` times its width in channels (2 after a CReLU)."""
     layers = [ConvBNReLU(3, _WIDTHS[0], **stem)]
-    in_channels = _WIDTHS[0]
+    in_channels = expand * _WIDTHS[0]
     for stage, width in enumerate(_WIDTHS):
         for i in range(per_stage):
             layers.append(make_layer(in_channels, width, 2 if stage > 0 and i == 0 else 1))
-            in_channels = width
+            in_channels = expand * width
     return layers
 
 
 class PlainNet(nn.Sequential):
-    """``depth - 1`` Conv-BN-ReLU triples and a linear classifier, no shortcuts."""
+    """``depth - 1`` Conv-BN-ReLU triples and a linear classifier, no shortcuts.
+
+    With ``activation="crelu"`` the convs keep their widths (16, 32, 64 filters) and every layer
+    after the stem, the classifier included, reads the twice as wide CReLU output.
+    """
 
     def __init__(self, depth: int, num_classes: int = 10, activation: str = "relu", norm: str = "bn"):
         n = _stage_layers(depth)
+        expand = 2 if activation == "crelu" else 1
         if activation == "tat":  # one transformed leaky ReLU for the chain of depth - 1 activations
             from .tat import TATActivation
 
             activation = TATActivation(depth - 1)
         layer = lambda i, o, s: ConvBNReLU(i, o, s, activation, norm)  # noqa: E731
-        super().__init__(*_cifar_body(2 * n, layer, activation=activation, norm=norm),
-                         _Head(_WIDTHS[-1], num_classes))
+        super().__init__(*_cifar_body(2 * n, layer, expand, activation=activation, norm=norm),
+                         _Head(expand * _WIDTHS[-1], num_classes))
         self.depth = depth
+
+    def crelu_fed(self) -> list[nn.Module]:
+        """The weight layers that read a CReLU's output directly (every conv after the stem,
+        and the classifier through the average pooling, which is linear): [] without CReLU."""
+        if not isinstance(self[0][2], CReLU):
+            return []
+        blocks = list(self)
+        return [block[0] for block in blocks[1:-1]] + [blocks[-1].fc]
 
 
 class BasicBlock(nn.Module):
@@ -188,8 +207,10 @@ def create(name: str, num_classes: int | None = None, init: str | None = "msra",
     """Build a model by name (``plain44``, ``imagenet-resnet50``, ...) and initialize it.
 
     ``num_classes`` defaults to 10 for the CIFAR nets and 1000 for the ImageNet nets; ``init``
-    is a scheme of :func:`orthomod.init.init_model_` or None for PyTorch's defaults.
-    ``activation="srelu"`` and ``norm="none"`` (ISONet's pieces) exist for the CIFAR plain nets.
+    is a scheme of :func:`orthomod.init.init_model_`, ``"looks-linear"`` (plain nets with
+    ``activation="crelu"``: delta-orthogonal init, then :func:`orthomod.init.looks_linear_` on
+    every layer a CReLU feeds), or None for PyTorch's defaults. ``activation="srelu"``,
+    ``"crelu"`` and ``norm="none"`` exist for the CIFAR plain nets.
     """
     family, depth = parse_model_name(name)
     if num_classes is None:
@@ -200,7 +221,14 @@ def create(name: str, num_classes: int | None = None, init: str | None = "msra",
             raise ValueError(f"activation {activation!r} and norm {norm!r} are built for the CIFAR plain nets "
                              f"(plain<d>), not {name!r}")
         layer = {"activation": activation, "norm": norm}
+    if init == "looks-linear" and activation != "crelu":
+        raise ValueError(f"init 'looks-linear' mirrors the weights that a CReLU feeds; {name!r} with activation "
+                         f"{activation!r} has none: use activation='crelu'")
     model = _FAMILIES[family](depth, num_classes=num_classes, **layer)
-    if init is not None:
+    if init == "looks-linear":
+        init_model_(model, "delta-orthogonal")  # the stem conv, and every bias and BN layer
+        for module in model.crelu_fed():
+            looks_linear_(module.weight)
+    elif init is not None:
         init_model_(model, init)
     return model
