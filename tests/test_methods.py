@@ -178,6 +178,8 @@ def test_looks_linear_refuses_what_it_cannot_do():
         looks_linear_(torch.empty(8, 4, 3, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="use activation='crelu'"):
         create("plain8", init="looks-linear")
+    with pytest.raises(ValueError, match="needs to know which layers a CReLU feeds"):
+        init_model_(create("plain8", activation="crelu"), "looks-linear")
 
 
 def test_a_looks_linear_crelu_net_starts_linear_and_a_crelu_net_otherwise_does_not():

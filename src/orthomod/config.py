@@ -18,8 +18,8 @@ from pathlib import Path
 from .data import DATASETS
 from .errors import OrthomodError
 from .hardware import PRECISIONS
-from .init import DATA_INIT_SCHEMES, INIT_SCHEMES
-from .models import ACTIVATIONS, MODEL_INIT_SCHEMES, NORMS, parse_model_name
+from .init import DATA_INIT_SCHEMES, INIT_SCHEMES, MODEL_INIT_SCHEMES
+from .models import ACTIVATIONS, NORMS, parse_model_name
 from .modulation import MODULATION_RULES
 from .regularizers import DEFAULT_COEFF, REGULARIZERS
 

@@ -23,10 +23,11 @@ from .weights import LayerFilter, filter_matrices, geometry, is_weight_layer, pl
     weight_from_filters, weight_layers
 
 __all__ = ["orthonormal_", "delta_orthogonal_", "dirac_delta", "group_slices", "check_weight", "is_weight_layer",
-           "looks_linear_", "init_model_", "lsuv_", "INIT_SCHEMES", "DATA_INIT_SCHEMES"]
+           "looks_linear_", "init_model_", "lsuv_", "INIT_SCHEMES", "DATA_INIT_SCHEMES", "MODEL_INIT_SCHEMES"]
 
 INIT_SCHEMES = ("orthonormal", "msra", "default", "delta-orthogonal", "dirac", "suo-delta")
 DATA_INIT_SCHEMES = ("lsuv",)  # need a batch of data: orthonormal init, then lsuv_ (the trainer does both)
+MODEL_INIT_SCHEMES = ("looks-linear",)  # need to know which layers a CReLU feeds: orthomod.models.create does it
 
 
 def group_slices(f_out: int, f_in: int) -> list[slice]:
@@ -202,6 +203,10 @@ def init_model_(model: nn.Module, scheme: str = "msra", generator: torch.Generat
     if scheme in DATA_INIT_SCHEMES:
         raise ValueError(f"init {scheme!r} needs data: init_model_(model, 'orthonormal'), then "
                          f"lsuv_(model, a_batch_of_inputs)")
+    if scheme in MODEL_INIT_SCHEMES:
+        raise ValueError(f"init {scheme!r} needs to know which layers a CReLU feeds: orthomod.models.create(name, "
+                         f"activation='crelu', init={scheme!r}) for the plain nets, or looks_linear_(layer.weight) "
+                         f"on the layers your own CReLUs feed")
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown init scheme {scheme!r}; choose one of {', '.join(INIT_SCHEMES)}")
     if scheme == "suo-delta":  # DKS/TAT's init, through the optional dks package

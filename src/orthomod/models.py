@@ -23,15 +23,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .init import init_model_, looks_linear_
+from .init import MODEL_INIT_SCHEMES, init_model_, looks_linear_
 from .layers import CReLU, SReLU
 
 __all__ = ["create", "parse_model_name", "list_models", "plain_cifar", "resnet_cifar", "PAPER_DEPTHS",
-           "ACTIVATIONS", "NORMS", "MODEL_INIT_SCHEMES"]
+           "ACTIVATIONS", "NORMS"]
 
 PAPER_DEPTHS = (20, 32, 44, 56, 110)
 ACTIVATIONS = ("relu", "srelu", "tat", "crelu")
-MODEL_INIT_SCHEMES = ("looks-linear",)  # need to know which layers a CReLU feeds: plain nets with activation crelu
 NORMS = ("bn", "none")
 _WIDTHS = (16, 32, 64)
 
@@ -221,11 +220,11 @@ def create(name: str, num_classes: int | None = None, init: str | None = "msra",
             raise ValueError(f"activation {activation!r} and norm {norm!r} are built for the CIFAR plain nets "
                              f"(plain<d>), not {name!r}")
         layer = {"activation": activation, "norm": norm}
-    if init == "looks-linear" and activation != "crelu":
+    if init in MODEL_INIT_SCHEMES and activation != "crelu":
         raise ValueError(f"init 'looks-linear' mirrors the weights that a CReLU feeds; {name!r} with activation "
                          f"{activation!r} has none: use activation='crelu'")
     model = _FAMILIES[family](depth, num_classes=num_classes, **layer)
-    if init == "looks-linear":
+    if init in MODEL_INIT_SCHEMES:  # looks-linear
         init_model_(model, "delta-orthogonal")  # the stem conv, and every bias and BN layer
         for module in model.crelu_fed():
             looks_linear_(module.weight)
