@@ -886,6 +886,16 @@ def figures(only: str | None = None) -> None:
                                    "--out", str(ROOT / "docs" / "results" / group)])
 
 
+def _progress(name: str) -> str:
+    """``list``'s status column: a run's status, with its step where it is not finished."""
+    summary = _summary(name)
+    if summary is None:
+        return "if deciding" if name in CONDITIONAL_SEEDS else "if chosen" if name in CONDITIONS else "-"
+    if summary["status"] in ("completed", "diverged") or "total_steps" not in summary:
+        return summary["status"]
+    return f"{summary['status']} {summary['step']}/{summary['total_steps']}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("run", "list", "collect", "tables", "figures"))
@@ -902,9 +912,8 @@ def main() -> None:
         figures(args.only)
     else:
         for name, flags in EXPERIMENTS.items():
-            status = _status(name) or ("if deciding" if name in CONDITIONAL_SEEDS else
-                                       "if chosen" if name in CONDITIONS else "-")
-            print(f"{name:<34} {status:<12} orthomod train {' '.join(flags)}")
+            print(f"{name:<34} {_progress(name):<24} orthomod train {' '.join(flags)}")
+
 
 
 if __name__ == "__main__":
