@@ -138,14 +138,18 @@ def looks_linear_(tensor: torch.Tensor, gain: float = 1.0,
     """Looks-linear init (Balduzzi et al. 2017) of a conv or linear weight fed by a CReLU,
     ``[relu(x), relu(-x)]`` (:class:`orthomod.layers.CReLU`): ``W = [W0, -W0]`` over the input
     channels, so that ``W [relu(x), relu(-x)] = W0 x``, and the layer starts linear in ``x``.
-    ``W0`` (input width half of ``W``'s) is delta-orthogonal for a conv (:func:`delta_orthogonal_`:
-    the conv then preserves the norm of ``x`` when ``C_out >= C_in / 2``) and semi-orthogonal for
-    a linear weight, times ``gain``. PyTorch's layout; the input width must be even.
+    ``W0`` (half of ``W``'s input width) takes :func:`orthonormal_` init, times ``gain``: its
+    filters, flattened over channels and taps, are orthonormal. PyTorch's layout; the input
+    width must be even. (Not delta-orthogonal ``W0``: a net of centre taps that starts linear
+    mixes no positions, and is a per-pixel map of the image's 3 colours; docs/METHOD-NOTES.md.)
 
     >>> w = looks_linear_(torch.empty(16, 32, 3, 3, dtype=torch.float64))
+    >>> torch.equal(w[:, 16:], -w[:, :16])
+    True
     >>> x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
     >>> crelu = torch.cat((x.relu(), (-x).relu()), dim=1)
-    >>> torch.allclose(torch.nn.functional.conv2d(crelu, w, padding=1).norm(), x.norm())
+    >>> conv = torch.nn.functional.conv2d
+    >>> torch.allclose(conv(crelu, w, padding=1), conv(x, w[:, :16], padding=1))
     True
     """
     if not tensor.is_floating_point():
@@ -153,12 +157,8 @@ def looks_linear_(tensor: torch.Tensor, gain: float = 1.0,
     if tensor.dim() < 2 or tensor.numel() == 0 or tensor.shape[1] % 2:
         raise ValueError(f"looks_linear_ takes a non-empty conv or linear weight (C_out, C_in, ...) whose input width "
                          f"C_in is even (a CReLU's [relu(x), relu(-x)]), got shape {tuple(tensor.shape)}")
-    half = tensor.shape[1] // 2
-    w0 = torch.empty((tensor.shape[0], half, *tensor.shape[2:]), dtype=torch.float64)
-    if tensor.dim() == 2:
-        w0.copy_(gain * _semi_orthogonal(tensor.shape[0], half, generator))
-    else:
-        delta_orthogonal_(w0, gain, generator)
+    w0 = torch.empty((tensor.shape[0], tensor.shape[1] // 2, *tensor.shape[2:]), dtype=torch.float64)
+    orthonormal_(w0, gain, generator)
     with torch.no_grad():
         tensor.copy_(torch.cat((w0, -w0), dim=1).to(tensor.dtype))
     return tensor

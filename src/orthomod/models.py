@@ -207,7 +207,7 @@ def create(name: str, num_classes: int | None = None, init: str | None = "msra",
 
     ``num_classes`` defaults to 10 for the CIFAR nets and 1000 for the ImageNet nets; ``init``
     is a scheme of :func:`orthomod.init.init_model_`, ``"looks-linear"`` (plain nets with
-    ``activation="crelu"``: delta-orthogonal init, then :func:`orthomod.init.looks_linear_` on
+    ``activation="crelu"``: orthonormal init, then :func:`orthomod.init.looks_linear_` on
     every layer a CReLU feeds), or None for PyTorch's defaults. ``activation="srelu"``,
     ``"crelu"`` and ``norm="none"`` exist for the CIFAR plain nets.
     """
@@ -225,7 +225,7 @@ def create(name: str, num_classes: int | None = None, init: str | None = "msra",
                          f"{activation!r} has none: use activation='crelu'")
     model = _FAMILIES[family](depth, num_classes=num_classes, **layer)
     if init in MODEL_INIT_SCHEMES:  # looks-linear
-        init_model_(model, "delta-orthogonal")  # the stem conv, and every bias and BN layer
+        init_model_(model, "orthonormal")  # the stem conv, and every bias and BN layer
         for module in model.crelu_fed():
             looks_linear_(module.weight)
     elif init is not None:
