@@ -223,7 +223,7 @@ LEADERBOARD_METHODS: dict[str, tuple[str, list[str]]] = {
     "lsuv": ("LSUV: orthonormal init scaled to unit output variance per layer, no BN, L2, lr 0.01",
              ["--init", "lsuv", "--norm", "none", "--reg", "l2", "--lr", "0.01"]),
     # added 2026-11-26 (Balduzzi et al. 2017; docs/METHOD-NOTES.md, Looks-linear), after LSUV in the queue
-    "looks-linear": ("looks-linear: CReLU + mirrored delta-orthogonal init, L2",
+    "looks-linear": ("looks-linear: CReLU + mirrored orthonormal init, L2",
                      ["--activation", "crelu", "--init", "looks-linear", "--reg", "l2"]),
 }
 # 150-iteration probes of the rows not yet run when the queue was set (2026-11-26), at the row's
