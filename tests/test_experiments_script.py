@@ -272,3 +272,13 @@ def test_the_queue_follows_the_ranking_for_depth_and_longer_runs(experiments, mo
         queue.index("x4-plain44-ortho-mod-s0")
     flags = experiments.EXPERIMENTS["dp-plain110-srip-s1"]
     assert flags[flags.index("--model") + 1] == "plain110" and flags[flags.index("--epochs") + 1] == "4"
+
+
+def test_list_shows_an_unfinished_runs_step_and_a_finished_runs_status(experiments, monkeypatch):
+    summaries = {"a-s0": {"status": "interrupted", "step": 27545, "total_steps": 64000},
+                 "b-s0": {"status": "completed", "step": 3900, "total_steps": 3900}}
+    monkeypatch.setattr(experiments, "_summary", summaries.get)
+    assert experiments._progress("a-s0") == "interrupted 27545/64000"
+    assert experiments._progress("b-s0") == "completed"
+    assert experiments._progress("lb-plain44-srip-s1") == "if deciding"  # not run: why it may not
+    assert experiments._progress("x4-resnet44-l2-s0") == "-"
