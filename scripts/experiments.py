@@ -915,6 +915,5 @@ def main() -> None:
             print(f"{name:<34} {_progress(name):<24} orthomod train {' '.join(flags)}")
 
 
-
 if __name__ == "__main__":
     main()

@@ -221,7 +221,7 @@ def create(name: str, num_classes: int | None = None, init: str | None = "msra",
                              f"(plain<d>), not {name!r}")
         layer = {"activation": activation, "norm": norm}
     if init in MODEL_INIT_SCHEMES and activation != "crelu":
-        raise ValueError(f"init 'looks-linear' mirrors the weights that a CReLU feeds; {name!r} with activation "
+        raise ValueError(f"init {init!r} mirrors the weights that a CReLU feeds; {name!r} with activation "
                          f"{activation!r} has none: use activation='crelu'")
     model = _FAMILIES[family](depth, num_classes=num_classes, **layer)
     if init in MODEL_INIT_SCHEMES:  # looks-linear
