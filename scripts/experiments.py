@@ -3,13 +3,17 @@
     ORTHOMOD_DATA=DIR python scripts/experiments.py run [--only SUBSTRING[,SUBSTRING...]]   # sequential; resumes
     python scripts/experiments.py list
     python scripts/experiments.py collect        # copy the small files of each run to docs/results/runs
+    python scripts/experiments.py park           # collect, and keep each unfinished run's checkpoint there too
     python scripts/experiments.py tables [--write]   # the tables of the collected runs (--write: into RESULTS.md)
     python scripts/experiments.py figures [--only GROUP]   # orthomod report over each experiment's runs
 
 Each experiment is one `orthomod train` command; a run that is already complete (here or in its
 collected copy) is skipped and an interrupted one is resumed with `--resume` while its
-checkpoint exists, so the queue can be stopped and restarted at any time. Checkpoints are not
-committed: in a fresh clone an interrupted run starts over. Checkpoints stay in runs/paper/ (not committed). The runs use the
+checkpoint exists, so the queue can be stopped and restarted at any time. Checkpoints live in
+runs/paper/, which is not committed; `park` (at the end of a session) copies the checkpoint of
+each unfinished run into its collected copy, which is, so that `run` on a fresh machine rebuilds the
+run folder from there and resumes instead of starting over (a 64k-step run outlives any one
+machine). `collect` drops the parked checkpoint of a run once it has finished. The runs use the
 orthomod of the Python that runs this script: run it from a separate (non-editable) install to
 keep a long queue independent of edits to the working tree.
 """
@@ -389,6 +393,8 @@ def run(only: str | None) -> None:
                    if name in CONDITIONAL_SEEDS else "its method is not among those the ranking picks")
             print(f"{name}: {why}, skipped", flush=True)
             continue
+        if not (RUNS / name / "checkpoint.pt").exists() and (COLLECTED / name / "checkpoint.pt").exists():
+            unpark(name)
         if (RUNS / name / "checkpoint.pt").exists():
             cmd = [sys.executable, "-m", "orthomod", "train", "--resume", str(RUNS / name), "--no-progress"]
         else:
@@ -403,18 +409,48 @@ def run(only: str | None) -> None:
             sys.exit(code)
 
 
-def collect() -> None:
+RUN_FILES = ("config.json", "summary.json", "metrics.jsonl", "diagnostics.jsonl")  # what `collect` copies
+
+
+def collect(park: bool = False) -> None:
+    """Copy each run's small files to its collected copy; with ``park``, an unfinished run's checkpoint too.
+
+    The copies are taken together, so a parked checkpoint and its records belong to one moment
+    (records written after the checkpoint are dropped again when the run resumes). A parked
+    checkpoint of a run that has since finished is removed.
+    """
     for name in EXPERIMENTS:
         source = RUNS / name
         if not (source / "summary.json").exists():
             continue
         target = COLLECTED / name
         target.mkdir(parents=True, exist_ok=True)
-        for file in ("config.json", "summary.json", "metrics.jsonl", "diagnostics.jsonl"):
+        checkpoint = source / "checkpoint.pt"
+        unfinished = json.loads((source / "summary.json").read_text())["status"] in UNFINISHED
+        if park and unfinished and checkpoint.exists():
+            shutil.copy2(checkpoint, target / ".checkpoint.pt.tmp")
+        for file in RUN_FILES:
             if (source / file).exists():
                 shutil.copy2(source / file, target / file)
         (target / "command.txt").write_text("orthomod train " + " ".join(EXPERIMENTS[name] + BASE) + "\n")
-        print(f"collected {name}")
+        if (target / ".checkpoint.pt.tmp").exists():
+            (target / ".checkpoint.pt.tmp").replace(target / "checkpoint.pt")
+            print(f"collected and parked {name}")
+        else:
+            if not unfinished:
+                (target / "checkpoint.pt").unlink(missing_ok=True)
+            print(f"collected {name}")
+
+
+def unpark(name: str) -> None:
+    """Rebuild a run's folder from its collected copy and parked checkpoint, for ``--resume``."""
+    target = RUNS / name
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for file in (*RUN_FILES, "checkpoint.pt"):
+        if (COLLECTED / name / file).exists():
+            shutil.copy2(COLLECTED / name / file, target / file)
+    print(f"{name}: resuming from its parked checkpoint ({COLLECTED / name / 'checkpoint.pt'})", flush=True)
 
 
 def _collected() -> dict[str, dict]:
@@ -898,14 +934,14 @@ def _progress(name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("run", "list", "collect", "tables", "figures"))
+    parser.add_argument("action", choices=("run", "list", "collect", "park", "tables", "figures"))
     parser.add_argument("--only")
     parser.add_argument("--write", action="store_true", help="tables: write them into docs/RESULTS.md")
     args = parser.parse_args()
     if args.action == "run":
         run(args.only)
-    elif args.action == "collect":
-        collect()
+    elif args.action in ("collect", "park"):
+        collect(park=args.action == "park")
     elif args.action == "tables":
         tables(args.write)
     elif args.action == "figures":

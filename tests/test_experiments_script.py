@@ -1,6 +1,8 @@
 """scripts/experiments.py: the statistics behind docs/RESULTS.md and its tables of the committed runs."""
 import importlib.util
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -282,3 +284,36 @@ def test_list_shows_an_unfinished_runs_step_and_a_finished_runs_status(experimen
     assert experiments._progress("b-s0") == "completed"
     assert experiments._progress("lb-plain44-srip-s1") == "if deciding"  # not run: why it may not
     assert experiments._progress("x4-resnet44-l2-s0") == "-"
+
+
+def test_park_keeps_an_unfinished_runs_checkpoint_and_run_resumes_from_it(experiments, monkeypatch, tmp_path):
+    """A fresh machine has no runs/: `park` commits what `run` needs to resume there."""
+    runs, collected = tmp_path / "runs", tmp_path / "collected"
+    monkeypatch.setattr(experiments, "RUNS", runs)
+    monkeypatch.setattr(experiments, "COLLECTED", collected)
+    monkeypatch.setattr(experiments, "EXPERIMENTS", {"a-s0": ["--model", "plain8"], "b-s0": ["--model", "plain8"]})
+    for name, status in (("a-s0", "interrupted"), ("b-s0", "completed")):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "summary.json").write_text(json.dumps({"status": status, "step": 7}))
+        (runs / name / "metrics.jsonl").write_text(f'{{"kind": "train", "step": 5, "run": "{name}"}}\n')
+        (runs / name / "checkpoint.pt").write_bytes(name.encode())
+    experiments.collect()  # collecting alone keeps no checkpoint
+    assert not list(collected.glob("*/checkpoint.pt"))
+    experiments.collect(park=True)
+    assert (collected / "a-s0" / "checkpoint.pt").read_bytes() == b"a-s0"
+    assert not (collected / "b-s0" / "checkpoint.pt").exists()  # finished: nothing to resume
+    assert not list(collected.glob("*/.checkpoint.pt.tmp"))
+
+    shutil.rmtree(runs)  # the next session's machine
+    calls = []
+    monkeypatch.setattr(experiments.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    experiments.run(None)
+    assert calls == [[sys.executable, "-m", "orthomod", "train", "--resume", str(runs / "a-s0"), "--no-progress"]]
+    assert {p.name for p in (runs / "a-s0").iterdir()} == {"summary.json", "metrics.jsonl", "checkpoint.pt"}
+    assert (runs / "a-s0" / "checkpoint.pt").read_bytes() == b"a-s0"
+    assert (runs / "a-s0" / "metrics.jsonl").read_text() == (collected / "a-s0" / "metrics.jsonl").read_text()
+
+    # once the run has finished, collecting drops its parked checkpoint (and parks nothing)
+    (runs / "a-s0" / "summary.json").write_text(json.dumps({"status": "completed", "step": 9}))
+    experiments.collect(park=True)
+    assert not list(collected.glob("*/checkpoint.pt"))

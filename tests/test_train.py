@@ -149,6 +149,9 @@ def test_sigterm_then_resume_continues_without_gaps_or_duplicates(tmp_path):
     assert [r["step"] for r in probes] == [0] + list(range(7, 101, 7))
     final = json.loads((run / "summary.json").read_text())
     assert final["status"] == "completed" and final["step"] == 100
+    # each process that trained the run is named, with where it took over
+    assert [s["from_step"] for s in final["sessions"]] == [0, interrupted["step"]]
+    assert all(s["precision"] == final["precision"] and s["device"] == "cpu" for s in final["sessions"])
 
     # the same run without interruption ends with the same weights: nothing lost, nothing repeated
     straight = _cli("train", *common, *extra, "--iterations", "100", "--name", "straight")

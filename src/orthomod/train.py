@@ -5,7 +5,8 @@ A run folder holds:
   metrics.jsonl    one JSON line per logging interval ({"kind": "train", ...}) and per
                    evaluation ({"kind": "eval", ...}); never duplicated across resumes
   summary.json     status (running/completed/interrupted/diverged), final and best accuracy,
-                   wall time; rewritten atomically at every evaluation and at the end
+                   wall time, and the device, precision and CPU of each session (a run resumed
+                   on another machine); rewritten atomically at every evaluation and at the end
   diagnostics.jsonl  every ``diagnostics_every`` steps: per conv layer filter correlation,
                    error second moments (before/after modulation) and modulation factors,
                    orthogonality residual and gradient norm (see orthomod.diagnostics)
@@ -326,6 +327,8 @@ class Trainer:
         self.last_eval: dict | None = None
         self.last_train: dict | None = None
         self.wall_time_before = 0.0
+        # one entry per start of the process: a run resumed on another machine says where each part ran
+        self.sessions: list[dict] = []
 
     def _restore(self) -> None:
         state = self.folder.load_checkpoint(map_location=self.device)
@@ -351,6 +354,7 @@ class Trainer:
             self._window.update(correct=0, count=0)
         self._checkpoint_step = self.step
         self.wall_time_before = state["wall_time"]
+        self.sessions = list(state.get("sessions") or [])
         torch.set_rng_state(state["torch_rng"].cpu())  # map_location took it to the run's device with the rest
         if self.world.is_main:
             self.folder.truncate_records(self.step)  # lines after the checkpoint are written again
@@ -374,7 +378,7 @@ class Trainer:
             "regularizer": self.regularizer.state_dict() if self.regularizer is not None else None,
             "step": self.step, "best_acc": self.best_acc, "best_step": self.best_step,
             "last_eval": self.last_eval, "last_train": self.last_train, "log_window": window,
-            "wall_time": self._wall_time(), "torch_rng": torch.get_rng_state(),
+            "wall_time": self._wall_time(), "torch_rng": torch.get_rng_state(), "sessions": self.sessions,
             "config": self.config.to_dict(),
         })
 
@@ -400,10 +404,8 @@ class Trainer:
                                                       "modulation", "modulation_tau", "modulation_until",
                                                       "modulation_rule", "optimizer", "batch_size", "seed")}
                         | {"lr": cfg.learning_rate},
-            "device": str(self.device), "precision": self.precision.name, "precision_reason": self.precision.reason,
-            **({"gpu": torch.cuda.get_device_name(self.device)} if self.device.type == "cuda" else {}),
-            "channels_last": cfg.channels_last, "torch": torch.__version__, "machine": platform.machine(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **self._where(), "precision_reason": self.precision.reason,
+            "channels_last": cfg.channels_last, "machine": platform.machine(), "sessions": self.sessions,
             "skipped_images": getattr(self.train_loader, "skipped", 0) + getattr(self.test_loader, "skipped", 0),
             "updated": datetime.datetime.now().isoformat(timespec="seconds"),
             **extra,
@@ -413,6 +415,12 @@ class Trainer:
         if self.world.is_main:
             self.folder.write_summary(summary)
         return summary
+
+    def _where(self) -> dict:
+        """Where and in which arithmetic this process trains (the summary's fields, and each session's)."""
+        return {"device": str(self.device), "precision": self.precision.name,
+                **({"gpu": torch.cuda.get_device_name(self.device)} if self.device.type == "cuda" else {}),
+                "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
     def _evaluate(self) -> None:
         loss, acc = evaluate(self.model, self.test_loader, self.device, self.precision, self.world)
@@ -459,6 +467,8 @@ class Trainer:
             if self.config.diagnostics_every:
                 names = [name for name, _ in diagnostics.weighted_layers(self.model)]
                 self._log({"kind": "layers", "step": 0, "names": names}, "diagnostics.jsonl")
+        self.sessions.append({"from_step": self.step, **self._where(),
+                              "started": datetime.datetime.now().isoformat(timespec="seconds")})
         self._say(f"run folder: {self.run_dir} (step {self.step} of {self.total_steps}, "
                   f"{self.steps_per_epoch} per epoch"
                   + (f", {self.world.world_size} processes)" if self.world.distributed else ")"), None)
