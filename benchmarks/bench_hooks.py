@@ -12,6 +12,10 @@ moment and the scaled error), timed on the errors of one real backward pass outs
 beside the bare fwd+bwd in the same rounds: what any exact implementation pays before Python.
 
     python benchmarks/bench_hooks.py --model plain110 --steps 5
+    python benchmarks/bench_hooks.py --model plain110 --steps 5 --precision auto   # as training runs here
+
+``--precision`` (default fp32, as this script ran before it had the flag): the forward passes
+run under that precision's autocast, as the trainer's do.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 
 import orthomod.modulation
 from orthomod import ErrorModulator, create
+from orthomod.hardware import choose_precision
 
 from bench_step import cpu_model
 
@@ -69,7 +74,7 @@ def _timed_norm(t):
     return result
 
 
-def floor(model_name: str, x: torch.Tensor, y: torch.Tensor, rounds: int = 5) -> dict:
+def floor(model_name: str, x: torch.Tensor, y: torch.Tensor, precision, rounds: int = 5) -> dict:
     """Moments and scaled errors of one backward pass's conv-output errors, outside any hook."""
     model = create(model_name, init="orthonormal").to(memory_format=torch.channels_last)
     errors = []
@@ -78,14 +83,16 @@ def floor(model_name: str, x: torch.Tensor, y: torch.Tensor, rounds: int = 5) ->
         output.register_hook(lambda grad: errors.append(grad.detach().clone()))
 
     handles = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    F.cross_entropy(model(x), y).backward()
+    with precision.autocast(x.device):
+        F.cross_entropy(model(x), y).backward()
     for h in handles:
         h.remove()
     times = {"fwd_bwd": [], "moments": [], "scaled_errors": []}
     for _ in range(rounds + 1):  # the first round warms up
         start = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with precision.autocast(x.device):
+            F.cross_entropy(model(x), y).backward()
         times["fwd_bwd"].append(time.perf_counter() - start)
         start = time.perf_counter()
         for e in errors:
@@ -106,7 +113,9 @@ def main() -> None:
     parser.add_argument("--model", default="plain110")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--precision", default="fp32", help="fp32, bf16, or auto (what training picks here)")
     args = parser.parse_args()
+    precision = choose_precision(args.precision, torch.device("cpu"))
     orthomod.modulation._root_sum_of_squares = _timed_norm
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -123,7 +132,8 @@ def main() -> None:
                 total = 0.0
             start = time.perf_counter()
             model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            with precision.autocast(x.device):
+                F.cross_entropy(model(x), y).backward()
             total += time.perf_counter() - start
         modulator.remove()
         per_step = {k: round(1e3 * v / args.steps, 2) for k, v in modulator.seconds.items()}
@@ -132,9 +142,10 @@ def main() -> None:
             "of_which_backward_ms_per_step": {k: round(1e3 * v / args.steps, 2) for k, v in modulator.parts.items()},
             "fwd_bwd_ms_per_step": round(1e3 * total / args.steps, 1),
             "hooks_fraction_of_fwd_bwd": round(sum(modulator.seconds.values()) / total, 4)}
-    result["floor"] = floor(args.model, x, y)
+    result["floor"] = floor(args.model, x, y, precision)
     print(json.dumps({"model": args.model, "batch_size": args.batch_size, "steps": args.steps, "cpu": cpu_model(),
                       "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+                      "precision": precision.name,
                       "threads": torch.get_num_threads(), "result": result}, indent=2))
 
 
