@@ -929,7 +929,8 @@ def _progress(name: str) -> str:
         return "if deciding" if name in CONDITIONAL_SEEDS else "if chosen" if name in CONDITIONS else "-"
     if summary["status"] in ("completed", "diverged") or "total_steps" not in summary:
         return summary["status"]
-    return f"{summary['status']} {summary['step']}/{summary['total_steps']}"
+    parked = not (RUNS / name / "checkpoint.pt").exists() and (COLLECTED / name / "checkpoint.pt").exists()
+    return f"{summary['status']} {summary['step']}/{summary['total_steps']}" + (", parked" if parked else "")
 
 
 def main() -> None:

@@ -294,7 +294,7 @@ def test_park_keeps_an_unfinished_runs_checkpoint_and_run_resumes_from_it(experi
     monkeypatch.setattr(experiments, "EXPERIMENTS", {"a-s0": ["--model", "plain8"], "b-s0": ["--model", "plain8"]})
     for name, status in (("a-s0", "interrupted"), ("b-s0", "completed")):
         (runs / name).mkdir(parents=True)
-        (runs / name / "summary.json").write_text(json.dumps({"status": status, "step": 7}))
+        (runs / name / "summary.json").write_text(json.dumps({"status": status, "step": 7, "total_steps": 9}))
         (runs / name / "metrics.jsonl").write_text(f'{{"kind": "train", "step": 5, "run": "{name}"}}\n')
         (runs / name / "checkpoint.pt").write_bytes(name.encode())
     experiments.collect()  # collecting alone keeps no checkpoint
@@ -307,6 +307,7 @@ def test_park_keeps_an_unfinished_runs_checkpoint_and_run_resumes_from_it(experi
     shutil.rmtree(runs)  # the next session's machine
     calls = []
     monkeypatch.setattr(experiments.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert experiments._progress("a-s0") == "interrupted 7/9, parked"  # `list` says where it will resume from
     experiments.run(None)
     assert calls == [[sys.executable, "-m", "orthomod", "train", "--resume", str(runs / "a-s0"), "--no-progress"]]
     assert {p.name for p in (runs / "a-s0").iterdir()} == {"summary.json", "metrics.jsonl", "checkpoint.pt"}
