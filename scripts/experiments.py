@@ -296,12 +296,15 @@ METHOD_FLAGS = {key: flags for key, (_, flags) in {**PAPER_METHODS, **LEADERBOAR
 # runs below. `run` skips the others; `list` marks them.
 CONDITIONS: dict = {name: lambda runs, name=name: _decides(name, runs) for name in CONDITIONAL_SEEDS}
 
-# Item 2: the depth runs of a screening method that is one of the best two (two seeds each)
+# Item 2: the depth runs of a screening method that is one of the best two: two seeds at 20
+# layers, three at 110 (since 2026-11-27), so that its plain-110 row can decide `plain110-best`
+# (RECIPE_MIN_SEEDS); the third seed is queued after the second
+DEPTH_SEEDS = {20: ("0", "1"), 110: ("0", "1", "2")}
 for _key in LEADERBOARD_METHODS:
     if _key == "l2":
         continue
     for _depth, _epochs in ((20, "10"), (110, "4")):
-        for _seed in ("0", "1"):
+        for _seed in DEPTH_SEEDS[_depth]:
             _name = f"dp-plain{_depth}-{_key}-s{_seed}"
             EXPERIMENTS[_name] = c10(f"plain{_depth}", _epochs, _seed, METHOD_FLAGS[_key])
             CONDITIONS[_name] = lambda runs, key=_key: key in top_methods(runs)
@@ -325,9 +328,12 @@ PRESET_EVIDENCE = {"depth-demo": "e4-plain110-ortho-mod-always", "depth-demo-l2"
 # the candidate with the best mean final test accuracy among those run with at least
 # RECIPE_MIN_SEEDS seeds, every one completed (tests/test_experiments_script.py holds the presets to it)
 RECIPE_MIN_SEEDS = 3
+# plain-110: section 4's rows and, since 2026-11-27, each leaderboard method's depth runs
+DEPTH110_ROWS = {f"dp-plain110-{key}": label for key, (label, _) in LEADERBOARD_METHODS.items() if key != "l2"}
 RECIPES = {"plain44-best": [base for base in LEADERBOARD_ROWS if base != LEADERBOARD_REFERENCE],
-           "plain110-best": list(PLAIN110_ROWS)}
-RECIPE_LABELS = {"plain44-best": LEADERBOARD_ROWS, "plain110-best": PLAIN110_ROWS}  # how each row is labelled
+           "plain110-best": [*PLAIN110_ROWS, *DEPTH110_ROWS]}
+RECIPE_LABELS = {"plain44-best": LEADERBOARD_ROWS,  # how each row is labelled
+                 "plain110-best": {**PLAIN110_ROWS, **DEPTH110_ROWS}}
 RECIPE_REFERENCE = {"plain44-best": LEADERBOARD_REFERENCE, "plain110-best": "e2-resnet110-l2"}  # the residual net
 
 

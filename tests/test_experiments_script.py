@@ -274,6 +274,14 @@ def test_the_queue_follows_the_ranking_for_depth_and_longer_runs(experiments, mo
         queue.index("x4-plain44-ortho-mod-s0")
     flags = experiments.EXPERIMENTS["dp-plain110-srip-s1"]
     assert flags[flags.index("--model") + 1] == "plain110" and flags[flags.index("--epochs") + 1] == "4"
+    # plain-110 depth runs take a third seed, so that such a row can become plain110-best
+    assert conditions["dp-plain110-srip-s2"](runs) and "dp-plain20-srip-s2" not in experiments.EXPERIMENTS
+    plain110 = rows(e4_plain110_ortho_mod_always=0.255)
+    assert experiments.best_row(experiments.RECIPES["plain110-best"], plain110)[0] == "e4-plain110-ortho-mod-always"
+    plain110 |= rows(dp_plain110_srip=0.48)
+    assert experiments.best_row(experiments.RECIPES["plain110-best"], plain110)[0] == "dp-plain110-srip"
+    del plain110["dp-plain110-srip-s2"]  # two seeds do not decide a recipe
+    assert experiments.best_row(experiments.RECIPES["plain110-best"], plain110)[0] == "e4-plain110-ortho-mod-always"
 
 
 def test_list_shows_an_unfinished_runs_step_and_a_finished_runs_status(experiments, monkeypatch):
