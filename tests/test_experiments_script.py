@@ -267,6 +267,13 @@ def test_the_queue_follows_the_ranking_for_depth_and_longer_runs(experiments, mo
     assert not conditions["dp-plain20-tat-s0"](runs) and not conditions["x4-plain44-ortho-s0"](runs)
     assert experiments.depth_sweep(runs)["orthonormal init + SRIP"] == {20: "dp-plain20-srip", 44: "lb-plain44-srip",
                                                                         110: "dp-plain110-srip"}
+    # the paper's method stays in the sweep whatever its rank; the other paper row leaves it
+    runs = {**runs, **rows(lb_plain44_tat=0.69)}
+    assert experiments.top_methods(runs) == ["srip", "tat"]
+    assert list(experiments.depth_sweep(runs)) == ["msra + L2", "the paper: orthonormality + modulation (tau 1)",
+                                                   "orthonormal init + SRIP",
+                                                   "TAT: transformed leaky ReLU + SUO-delta init, no BN, L2, lr 0.01",
+                                                   "residual, msra + L2"]
     # the paper's method runs at 4x the budget whatever the ranking; so does the residual net
     assert "x4-plain44-ortho-mod-s0" not in conditions and "x4-resnet44-l2-s1" not in conditions
     queue = list(experiments.EXPERIMENTS)
