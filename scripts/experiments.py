@@ -391,7 +391,7 @@ def run(only: str | None) -> None:
         if not _selected(name, only):
             continue
         status = _status(name)
-        if status in ("completed", "diverged"):
+        if status in FINISHED:
             print(f"{name}: {status}, skipped", flush=True)
             continue
         if not _runs_now(name):
@@ -416,6 +416,7 @@ def run(only: str | None) -> None:
 
 
 RUN_FILES = ("config.json", "summary.json", "metrics.jsonl", "diagnostics.jsonl")  # what `collect` copies
+FINISHED = ("completed", "diverged")  # statuses of a run that `run` skips; any other resumes from a checkpoint
 
 
 def collect(park: bool = False) -> None:
@@ -432,7 +433,7 @@ def collect(park: bool = False) -> None:
         target = COLLECTED / name
         target.mkdir(parents=True, exist_ok=True)
         checkpoint = source / "checkpoint.pt"
-        unfinished = json.loads((source / "summary.json").read_text())["status"] in UNFINISHED
+        unfinished = json.loads((source / "summary.json").read_text())["status"] not in FINISHED
         if park and unfinished and checkpoint.exists():
             shutil.copy2(checkpoint, target / ".checkpoint.pt.tmp")
         for file in RUN_FILES:
@@ -576,7 +577,7 @@ def _seeds(base: str, runs: dict[str, dict]) -> list[dict]:
     return [runs[n] for n in sorted(runs) if _base(n) == base]
 
 
-UNFINISHED = ("running", "interrupted")  # statuses of a run that `run` continues from its checkpoint
+UNFINISHED = ("running", "interrupted")  # a run under way: training now, or stopped for `run` to resume
 
 
 def _accuracies(seeds: list[dict]) -> list[float]:
@@ -934,7 +935,7 @@ def _progress(name: str) -> str:
     summary = _summary(name)
     if summary is None:
         return "if deciding" if name in CONDITIONAL_SEEDS else "if chosen" if name in CONDITIONS else "-"
-    if summary["status"] in ("completed", "diverged") or "total_steps" not in summary:
+    if summary["status"] in FINISHED or "total_steps" not in summary:
         return summary["status"]
     parked = not (RUNS / name / "checkpoint.pt").exists() and (COLLECTED / name / "checkpoint.pt").exists()
     return f"{summary['status']} {summary['step']}/{summary['total_steps']}" + (", parked" if parked else "")
