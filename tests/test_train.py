@@ -216,3 +216,14 @@ def test_init_lsuv_starts_from_unit_output_variance_on_the_first_batch(tmp_path)
         h.remove()
     assert len(variances) == 8 and all(abs(v - 1) < 0.1 for v in variances), variances
     assert trainer.run()["status"] == "completed"
+
+
+def test_default_run_name_names_what_sets_a_run_apart():
+    from orthomod.train import default_run_name
+
+    plain = TrainConfig(model="plain44", init="msra", reg="l2", seed=3)
+    assert default_run_name(plain).startswith("plain44-msra-l2-sgd-s3-")
+    dirac = plain.replace(parametrization="dirac", activation="crelu", norm="none")
+    assert default_run_name(dirac).startswith("plain44-msra-l2-crelu-norm-none-dirac-sgd-s3-")
+    modulated = plain.replace(init="orthonormal", reg="ortho", modulation=True, modulation_tau=2.0)
+    assert default_run_name(modulated).startswith("plain44-orthonormal-ortho-mod2-sgd-s3-")
