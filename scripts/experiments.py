@@ -30,7 +30,7 @@ from statistics import fmean, stdev
 from pathlib import Path
 
 from orthomod.cli import EXIT_DIVERGED
-from orthomod.files import save_text
+from orthomod.files import copy_file, save_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "paper"
@@ -422,9 +422,9 @@ FINISHED = ("completed", "diverged")  # statuses of a run that `run` skips; any 
 def collect(park: bool = False) -> None:
     """Copy each run's small files to its collected copy; with ``park``, an unfinished run's checkpoint too.
 
-    The copies are taken together, so a parked checkpoint and its records belong to one moment
-    (records written after the checkpoint are dropped again when the run resumes). A parked
-    checkpoint of a run that has since finished is removed.
+    The checkpoint is copied (atomically) before the records, so the records are as new as it or
+    newer; those written after it are dropped again when the run resumes. A parked checkpoint of a
+    run that has since finished is removed.
     """
     for name in EXPERIMENTS:
         source = RUNS / name
@@ -432,21 +432,17 @@ def collect(park: bool = False) -> None:
             continue
         target = COLLECTED / name
         target.mkdir(parents=True, exist_ok=True)
-        checkpoint = source / "checkpoint.pt"
-        unfinished = json.loads((source / "summary.json").read_text())["status"] not in FINISHED
-        if park and unfinished and checkpoint.exists():
-            shutil.copy2(checkpoint, target / ".checkpoint.pt.tmp")
+        finished = _status(name) in FINISHED
+        parked = park and not finished and (source / "checkpoint.pt").exists()
+        if parked:
+            copy_file(source / "checkpoint.pt", target / "checkpoint.pt")
+        elif finished:
+            (target / "checkpoint.pt").unlink(missing_ok=True)
         for file in RUN_FILES:
             if (source / file).exists():
                 shutil.copy2(source / file, target / file)
         (target / "command.txt").write_text("orthomod train " + " ".join(EXPERIMENTS[name] + BASE) + "\n")
-        if (target / ".checkpoint.pt.tmp").exists():
-            (target / ".checkpoint.pt.tmp").replace(target / "checkpoint.pt")
-            print(f"collected and parked {name}")
-        else:
-            if not unfinished:
-                (target / "checkpoint.pt").unlink(missing_ok=True)
-            print(f"collected {name}")
+        print(f"collected and parked {name}" if parked else f"collected {name}")
 
 
 def unpark(name: str) -> None:

@@ -317,7 +317,7 @@ def test_park_keeps_an_unfinished_runs_checkpoint_and_run_resumes_from_it(experi
     experiments.collect(park=True)
     assert (collected / "a-s0" / "checkpoint.pt").read_bytes() == b"a-s0"
     assert not (collected / "b-s0" / "checkpoint.pt").exists()  # finished: nothing to resume
-    assert not list(collected.glob("*/.checkpoint.pt.tmp"))
+    assert not list(collected.glob("*/.*tmp"))  # no temporary file of the atomic copy left behind
 
     shutil.rmtree(runs)  # the next session's machine
     calls = []

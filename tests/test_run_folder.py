@@ -17,7 +17,7 @@ import torch
 from conftest import tiny_config
 from orthomod import files
 from orthomod.cli import EXIT_DIVERGED, main
-from orthomod.files import RunFolderError, RunLock, load_checkpoint, save_json, save_text
+from orthomod.files import RunFolderError, RunLock, copy_file, load_checkpoint, save_json, save_text
 from orthomod.train import Trainer
 
 TINY = 'model = "plain8"\nshapes_train = 200\nshapes_test = 100\nbatch_size = 50\n'
@@ -135,6 +135,8 @@ def test_failed_write_leaves_old_file_and_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
     save_text(tmp_path / "page.md", "é |\n")  # the same route for text: UTF-8, nothing left beside it
     assert (tmp_path / "page.md").read_bytes() == "é |\n".encode() and len(list(tmp_path.iterdir())) == 2
+    copy_file(tmp_path / "page.md", target)  # and for a copy (a parked checkpoint): the bytes, replaced whole
+    assert target.read_bytes() == "é |\n".encode() and len(list(tmp_path.iterdir())) == 2
 
 
 # -- one process per run folder -----------------------------------------------------------------

@@ -15,13 +15,14 @@ import json
 import math
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 import torch
 
 from .errors import OrthomodError
 
-__all__ = ["save_text", "save_json", "load_json", "save_checkpoint", "load_checkpoint", "CheckpointError",
+__all__ = ["save_text", "copy_file", "save_json", "load_json", "save_checkpoint", "load_checkpoint", "CheckpointError",
            "RunFolderError", "RunLock", "RunFolder"]
 
 
@@ -60,6 +61,12 @@ def _finite_json(value):
 def save_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (a reader sees the old file or the new one, never half)."""
     _replace_from_tmp(Path(path), lambda f: f.write(text.encode()))
+
+
+def copy_file(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` atomically (a reader sees the old file or the whole copy)."""
+    with open(source, "rb") as src:
+        _replace_from_tmp(Path(target), lambda f: shutil.copyfileobj(src, f))
 
 
 def save_json(path: Path, payload) -> None:

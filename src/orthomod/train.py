@@ -217,8 +217,9 @@ def default_run_name(config: TrainConfig) -> str:
     """model-init-reg[-mod tau]-optimizer-seed-time, with the activation, norm and parametrization
     where they are not the plain net's defaults (so a Dirac or a CReLU run is told apart by name)."""
     parts = [config.model, config.init, config.reg]
-    parts += [p for p, default in ((config.activation, "relu"), (f"norm-{config.norm}", "norm-bn"),
-                                   (config.parametrization, "none")) if p != default]
+    plain = TrainConfig()  # the defaults: a plain ReLU net with BN and no reparametrization
+    parts += [f"norm-{value}" if key == "norm" else value for key in ("activation", "norm", "parametrization")
+              if (value := getattr(config, key)) != getattr(plain, key)]
     if config.modulation:
         parts.append(f"mod{config.modulation_tau:g}")
     parts += [config.optimizer, f"s{config.seed}", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]
