@@ -29,6 +29,10 @@ VM the time the hypervisor gives to other guests lands in wall time but not in C
 ``--compile MODE`` times each configuration's model under ``torch.compile(mode=MODE)``, with
 dynamo's module-hook guards on so that the modulated copies get code of their own (the
 ErrorModulator docstring); compilation happens in the warm-up, outside the timed rounds.
+``--also-eager`` times each configuration uncompiled too, as ``NAME:eager``, interleaved with the
+compiled ones in the same process (does compiling pay on this machine?).
+
+    python benchmarks/bench_step.py --model plain44 --configs l2 --compile default --also-eager
 """
 from __future__ import annotations
 
@@ -141,6 +145,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (as training picks)")
     parser.add_argument("--against", help="also time ortho+mod with the modulator of this git revision")
     parser.add_argument("--compile", metavar="MODE", help="torch.compile each model: default, reduce-overhead, ...")
+    parser.add_argument("--also-eager", action="store_true", help="with --compile: time each configuration "
+                        "uncompiled too (NAME:eager), in the same rounds")
     args = parser.parse_args()
     if args.compile:
         torch._dynamo.config.skip_nnmodule_hook_guards = False  # hooked and plain copies: code of their own
@@ -160,7 +166,12 @@ def main() -> None:
     if unknown or "l2" not in names:
         parser.error(f"--configs: {', '.join(unknown) or 'l2 missing'}: choose from {', '.join(known)} "
                      "(l2 is the reference; NAME@REV for a +mod configuration with another revision's modulator)")
+    if args.also_eager and not args.compile:
+        parser.error("--also-eager compares with --compile MODE; give both")
     steps = {n: make_step(n, base, args.tau, precision, device, args.compile) for n in names}
+    if args.also_eager:
+        steps |= {f"{n}:eager": make_step(n, base, args.tau, precision, device) for n in names}
+        names = [m for n in names for m in (n, f"{n}:eager")]
     warm_start = time.perf_counter()
     for n in names:  # warm-up: allocator, oneDNN kernel selection, compilation (CUDA graphs record on call 2)
         for _ in range(3 if args.compile else 2):
