@@ -148,6 +148,8 @@ def main() -> None:
     parser.add_argument("--also-eager", action="store_true", help="with --compile: time each configuration "
                         "uncompiled too (NAME:eager), in the same rounds")
     args = parser.parse_args()
+    if args.also_eager and not args.compile:
+        parser.error("--also-eager compares with --compile MODE; give both")
     if args.compile:
         torch._dynamo.config.skip_nnmodule_hook_guards = False  # hooked and plain copies: code of their own
     if args.against:
@@ -166,8 +168,6 @@ def main() -> None:
     if unknown or "l2" not in names:
         parser.error(f"--configs: {', '.join(unknown) or 'l2 missing'}: choose from {', '.join(known)} "
                      "(l2 is the reference; NAME@REV for a +mod configuration with another revision's modulator)")
-    if args.also_eager and not args.compile:
-        parser.error("--also-eager compares with --compile MODE; give both")
     steps = {n: make_step(n, base, args.tau, precision, device, args.compile) for n in names}
     if args.also_eager:
         steps |= {f"{n}:eager": make_step(n, base, args.tau, precision, device) for n in names}
