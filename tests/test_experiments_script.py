@@ -274,6 +274,16 @@ def test_the_queue_follows_the_ranking_for_depth_and_longer_runs(experiments, mo
                                                    "orthonormal init + SRIP",
                                                    "TAT: transformed leaky ReLU + SUO-delta init, no BN, L2, lr 0.01",
                                                    "residual, msra + L2"]
+    # a method whose depth runs completed while it was one of the best two stays in the sweep
+    later = {**runs, **rows(dp_plain20_srip=0.80, lb_plain44_delta_l2=0.695)}
+    assert experiments.top_methods(later) == ["srip", "delta-l2"]
+    assert "TAT: transformed leaky ReLU + SUO-delta init, no BN, L2, lr 0.01" not in experiments.depth_sweep(later)
+    later = {**later, **rows(lb_plain44_tat=0.72, lb_plain44_delta_l2=0.75)}
+    assert experiments.top_methods(later) == ["delta-l2", "tat"]
+    assert list(experiments.depth_sweep(later)) == ["msra + L2", "the paper: orthonormality + modulation (tau 1)",
+                                                   "delta-orthogonal init + L2", "orthonormal init + SRIP",
+                                                   "TAT: transformed leaky ReLU + SUO-delta init, no BN, L2, lr 0.01",
+                                                   "residual, msra + L2"]
     # the paper's method runs at 4x the budget whatever the ranking; so does the residual net
     assert "x4-plain44-ortho-mod-s0" not in conditions and "x4-resnet44-l2-s1" not in conditions
     queue = list(experiments.EXPERIMENTS)
