@@ -5,6 +5,7 @@ closed form, and the C map of the transformed activation is integrated here with
 quadrature.
 """
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -29,6 +30,15 @@ def test_suo_delta_preserves_the_mean_square_of_every_input(c_in, c_out):
     linear = suo_delta_(torch.empty(40, 10, dtype=torch.float64))
     x = torch.randn(5, 10, dtype=torch.float64)
     torch.testing.assert_close((x @ linear.T).square().mean(), x.square().mean(), rtol=1e-12, atol=0)
+
+
+def test_suo_delta_sets_the_centre_tap_only_and_says_nothing():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # dks's list indexing warns on torch >= 2.9: not the user's concern
+        w = suo_delta_(torch.full((8, 8, 3, 3), 7.0, dtype=torch.float64))
+    centre = w[:, :, 1, 1]
+    torch.testing.assert_close(centre @ centre.T, torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.count_nonzero(w).item() == torch.count_nonzero(centre).item()
 
 
 def test_dks_on_pytorchs_layout_directly_would_be_wrong():
