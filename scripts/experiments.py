@@ -15,7 +15,8 @@ each unfinished run into its collected copy, which is, so that `run` on a fresh 
 run folder from there and resumes instead of starting over (a 64k-step run outlives any one
 machine). `collect` drops the parked checkpoint of a run once it has finished. The runs use the
 orthomod of the Python that runs this script: run it from a separate (non-editable) install to
-keep a long queue independent of edits to the working tree.
+keep a long queue independent of edits to the working tree, with the TAT extra
+(`pip install "<exported tree>[tat]"`): without it the TAT rows stop the queue with a one-line error.
 """
 from __future__ import annotations
 
