@@ -789,7 +789,7 @@ def depth_sweep(runs: dict[str, dict]) -> dict[str, dict[int, str]]:
     is not hidden when the ranking moves on), in the order of DEPTH_RUNS (the paper's first, so that
     the table keeps its columns), and the residual net."""
     measured = {key for key in LEADERBOARD_METHODS if key != "l2"  # the baseline is always shown
-                and any(_accuracies(_seeds(DEPTH_RUNS[key][depth], runs)) for depth in (20, 110))}
+                and any(_accuracies(_seeds(DEPTH_RUNS[key][depth], runs)) for depth in DEPTH_SEEDS)}
     shown = {"ortho-mod", *top_methods(runs), *measured}
     return {METHOD_LABELS["l2"]: DEPTH_RUNS["l2"], **{METHOD_LABELS[key]: DEPTH_RUNS[key] for key in DEPTH_RUNS
                                                       if key in shown},
