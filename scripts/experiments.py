@@ -250,7 +250,10 @@ EXPERIMENTS.update(PROBES)
 # DECIDING_MARGIN points below the best row with RECIPE_MIN_SEEDS seeds, or above it. A promising
 # row is thus confirmed before the next one is screened. The baseline rerun needs no more seeds.
 DECIDING_MARGIN = 3.0
-SCREENING = {f"lb-plain44-{key}-s{seed}": c10("plain44", "10", str(seed), flags)
+# Issue 15's budget per depth (epochs), the one table the leaderboard, the depth runs and the
+# depth table's labels read
+DEPTH_EPOCHS = {20: "10", 44: "10", 110: "4"}
+SCREENING = {f"lb-plain44-{key}-s{seed}": c10("plain44", DEPTH_EPOCHS[44], str(seed), flags)
              for key, (_, flags) in LEADERBOARD_METHODS.items() for seed in ((0,) if key == "l2" else (0, 1, 2))}
 CONDITIONAL_SEEDS = {name: flags for name, flags in SCREENING.items() if not name.endswith("-s0")}
 EXPERIMENTS.update(SCREENING)
@@ -279,7 +282,7 @@ PLAIN110_ROWS = {"e2-plain110-ortho": "none",
 # from experiments 1, 2 and 4; a screening method's `dp-` runs, queued below), by method key
 PAPER_METHODS = {"ortho": ("the paper: orthonormal init + orthonormality", ORTHO),
                  "ortho-mod": ("the paper: orthonormality + modulation (tau 1)", [*ORTHO, *mod(1.0, "always")])}
-DEPTH_BUDGETS = {20: "10 epochs", 44: "10 epochs", 110: "4 epochs"}
+DEPTH_BUDGETS = {depth: f"{epochs} epochs" for depth, epochs in DEPTH_EPOCHS.items()}
 DEPTH_RUNS = {"l2": {20: "e2-plain20-l2", 44: "e1-plain44-l2", 110: "e2-plain110-l2"},
               "ortho": {20: "e2-plain20-ortho", 44: "e1-plain44-ortho", 110: "e2-plain110-ortho"},
               "ortho-mod": {20: "e2-plain20-ortho-mod", 44: "e2-plain44-ortho-mod", 110: "e4-plain110-ortho-mod-always"},
@@ -304,21 +307,22 @@ DEPTH_SEEDS = {20: ("0", "1"), 110: ("0", "1", "2")}
 for _key in LEADERBOARD_METHODS:
     if _key == "l2":
         continue
-    for _depth, _epochs in ((20, "10"), (110, "4")):
-        for _seed in DEPTH_SEEDS[_depth]:
+    for _depth, _seeds_at_depth in DEPTH_SEEDS.items():
+        for _seed in _seeds_at_depth:
             _name = f"dp-plain{_depth}-{_key}-s{_seed}"
-            EXPERIMENTS[_name] = c10(f"plain{_depth}", _epochs, _seed, METHOD_FLAGS[_key])
+            EXPERIMENTS[_name] = c10(f"plain{_depth}", DEPTH_EPOCHS[_depth], _seed, METHOD_FLAGS[_key])
             CONDITIONS[_name] = lambda runs, key=_key: key in top_methods(runs)
 
 # Item 3: the best plain-44 method and the paper's against resnet-44 at 4x the leaderboard's budget
 # (40 epochs), two seeds, seed by seed so that a comparison is complete early. The paper's method
 # always runs; a screening method only if it is the best.
+X4_EPOCHS = str(4 * int(DEPTH_EPOCHS[44]))
 for _seed in ("0", "1"):
-    EXPERIMENTS[f"x4-plain44-ortho-mod-s{_seed}"] = c10("plain44", "40", _seed, METHOD_FLAGS["ortho-mod"])
-    EXPERIMENTS[f"x4-resnet44-l2-s{_seed}"] = c10("resnet44", "40", _seed, L2)
+    EXPERIMENTS[f"x4-plain44-ortho-mod-s{_seed}"] = c10("plain44", X4_EPOCHS, _seed, METHOD_FLAGS["ortho-mod"])
+    EXPERIMENTS[f"x4-resnet44-l2-s{_seed}"] = c10("resnet44", X4_EPOCHS, _seed, L2)
     for _key in [k for k in METHOD_FLAGS if k != "ortho-mod" and k != "l2"]:
         _name = f"x4-plain44-{_key}-s{_seed}"
-        EXPERIMENTS[_name] = c10("plain44", "40", _seed, METHOD_FLAGS[_key])
+        EXPERIMENTS[_name] = c10("plain44", X4_EPOCHS, _seed, METHOD_FLAGS[_key])
         CONDITIONS[_name] = lambda runs, key=_key: top_methods(runs, 1) == [key]
 
 # Presets whose comments quote committed runs: the runs they quote (issue 12's depth demo);
