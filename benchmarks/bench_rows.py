@@ -44,9 +44,10 @@ def experiments():
     return module
 
 
-def make_step(flags: list[str], model_name: str, x: torch.Tensor, y: torch.Tensor):
-    """One training step of the row ``flags`` describe, as the trainer takes it."""
-    config = train_config(["--dataset", "cifar10", "--model", model_name, "--iterations", "1", *flags])
+def make_step(flags: list[str], model_name: str, x: torch.Tensor, y: torch.Tensor, precision: str = "auto"):
+    """One training step of the row ``flags`` describe, as the trainer takes it, in ``precision``."""
+    config = train_config(["--dataset", "cifar10", "--model", model_name, "--iterations", "1",
+                           "--precision", precision, *flags])
     torch.manual_seed(0)
     model = build_model(config, 10, init=config.init)
     init_from_data_(config, model, lambda: x)  # LSUV's scaling, on the benchmark's batch
@@ -70,15 +71,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=2)
     parser.add_argument("--rows", help="comma-separated method keys (default: every row; l2 is always timed)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="auto (the trainer's choice here), fp32 or bf16: the leaderboard's column is fp32")
     args = parser.parse_args()
     flags = experiments().METHOD_FLAGS
     names = ["l2", *(k for k in (args.rows.split(",") if args.rows else flags) if k != "l2")]
+    unknown = [k for k in names if k not in flags]
+    if unknown:
+        parser.error(f"unknown row {', '.join(unknown)}; the rows are {', '.join(flags)}")
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch_size,))
     steps = {}
     for name in names:
-        steps[name], precision = make_step(flags[name], args.model, x, y)
+        steps[name], precision = make_step(flags[name], args.model, x, y, args.precision)
         for _ in range(2):  # warm-up: allocator, oneDNN kernel selection, SRIP's power iteration
             steps[name]()
     def timed(name: str) -> float:

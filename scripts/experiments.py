@@ -230,6 +230,10 @@ LEADERBOARD_METHODS: dict[str, tuple[str, list[str]]] = {
     # added 2026-11-26 (Balduzzi et al. 2017; docs/METHOD-NOTES.md, Looks-linear), after LSUV in the queue
     "looks-linear": ("looks-linear: CReLU + mirrored orthonormal init, L2",
                      ["--activation", "crelu", "--init", "looks-linear", "--reg", "l2"]),
+    # added 2026-11-27 (Xiao et al. 2018's own setting: tanh, no BN, delta-orthogonal init at gain 1,
+    # tanh's critical point with zero biases; docs/METHOD-NOTES.md, tanh), after looks-linear in the queue
+    "delta-tanh": ("Xiao et al.: delta-orthogonal init + tanh, no BN, L2",
+                   ["--activation", "tanh", "--norm", "none", "--init", "delta-orthogonal", "--reg", "l2"]),
 }
 # 150-iteration probes of the rows not yet run when the queue was set (2026-11-26), at the row's
 # setting and at the ones it replaced (RESULTS.md, Leaderboard: why conv-orthogonality takes 1e-4
@@ -238,7 +242,8 @@ PROBE_VARIANTS = {"l2": {"": None}, "dirac-param": {"": None}, "srip": {"": None
                   "conv-ortho": {"-coeff0.1": ("--reg-coeff", "0.1"), "": None},
                   "isonet": {"-lr0.1": ("--lr", "0.1"), "-lr0.03": ("--lr", "0.03"), "": None},
                   "tat": {"-lr0.1": ("--lr", "0.1"), "-lr0.03": ("--lr", "0.03"), "": None},
-                  "lsuv": {"-lr0.1": ("--lr", "0.1"), "": None}, "looks-linear": {"": None}}
+                  "lsuv": {"-lr0.1": ("--lr", "0.1"), "": None}, "looks-linear": {"": None},
+                  "delta-tanh": {"-lr0.03": ("--lr", "0.03"), "-lr0.01": ("--lr", "0.01"), "": None}}
 PROBE_OF = {f"lb-probe-{key}{suffix}-s0": (key, change)  # probe -> (row, the setting changed or None)
             for key, variants in PROBE_VARIANTS.items() for suffix, change in variants.items()}
 PROBES = {name: [*C10, "--model", "plain44", "--iterations", "150", "--seed", "0",

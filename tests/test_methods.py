@@ -1,7 +1,7 @@
 """Other ways to train deep plain nets, each against a closed form or a literal reference.
 
 Delta-orthogonal init (Xiao et al. 2018), the Dirac init and parametrization (DiracNets),
-SReLU (ISONet), SRIP (Bansal et al. 2018) and the conv-orthogonality regularizer (OCNN).
+SReLU (ISONet), tanh nets (Xiao et al.), SRIP (Bansal et al. 2018) and the conv-orthogonality regularizer (OCNN).
 """
 import json
 import signal
@@ -142,6 +142,33 @@ def test_srelu_closed_forms():
     assert all(m.bias is not None for m in model.modules() if isinstance(m, nn.Conv2d))
     with pytest.raises(ValueError, match="built for the CIFAR plain nets"):
         create("resnet8", activation="srelu")
+
+
+# -- tanh (Xiao et al. 2018's vanilla CNNs) ---------------------------------------------------------
+def test_a_tanh_net_is_conv_then_tanh_and_delta_orthogonal_makes_its_jacobian_at_zero_orthogonal():
+    torch.manual_seed(0)
+    model = create("plain14", activation="tanh", norm="none", init="delta-orthogonal").double()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert sum(isinstance(m, nn.Tanh) for m in model.modules()) == len(convs) == 13
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        for conv in convs:
+            conv.bias.normal_()  # a literal forward must use them too
+    x = torch.randn(2, 3, 32, 32, dtype=F64)
+    h = x
+    for conv in convs:
+        h = torch.tanh(F.conv2d(h, conv.weight, conv.bias, stride=conv.stride, padding=1))
+    torch.testing.assert_close(model(x), model[-1].fc(h.mean(dim=(2, 3))), rtol=0, atol=1e-12)
+    # with zero biases, tanh'(0) = 1 and centre-tap orthogonal kernels: the Jacobian of the first
+    # stage (stride 1, 16 channels) at x = 0 preserves the norm of every direction
+    init_model_(model, "delta-orthogonal")
+    stage = nn.Sequential(*list(model)[1:5])
+    assert all(c.stride == (1, 1) and c.in_channels == c.out_channels == 16 for c in convs[1:5])
+    v = torch.randn(3, 16, 8, 8, dtype=F64)
+    _, jv = torch.autograd.functional.jvp(stage, torch.zeros_like(v), v)
+    torch.testing.assert_close(jv.flatten(1).norm(dim=1), v.flatten(1).norm(dim=1), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="built for the CIFAR plain nets"):
+        create("resnet8", activation="tanh")
 
 
 # -- CReLU and looks-linear init ---------------------------------------------------------------------
@@ -322,6 +349,7 @@ def test_every_regularizer_shares_the_interface():
     ["--init", "orthonormal", "--reg", "srip"],
     ["--init", "lsuv", "--norm", "none", "--lr", "0.01"],
     ["--init", "looks-linear", "--activation", "crelu", "--reg", "ortho", "--modulation", "on"],
+    ["--init", "delta-orthogonal", "--activation", "tanh", "--norm", "none", "--lr", "0.01"],
 ])
 def test_combinations_train_and_resume(tmp_path, flags, monkeypatch):
     toml = tmp_path / "t.toml"

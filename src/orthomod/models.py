@@ -30,7 +30,7 @@ __all__ = ["create", "parse_model_name", "list_models", "plain_cifar", "resnet_c
            "ACTIVATIONS", "NORMS"]
 
 PAPER_DEPTHS = (20, 32, 44, 56, 110)
-ACTIVATIONS = ("relu", "srelu", "tat", "crelu")
+ACTIVATIONS = ("relu", "srelu", "tat", "crelu", "tanh")
 NORMS = ("bn", "none")
 _WIDTHS = (16, 32, 64)
 
@@ -49,7 +49,8 @@ class ConvBNReLU(nn.Sequential):
 
     ``norm="none"`` puts an identity in BN's place and gives the conv a bias;
     ``activation="srelu"`` uses :class:`orthomod.layers.SReLU` (ISONet) instead of ReLU,
-    ``"crelu"`` :class:`orthomod.layers.CReLU` (twice ``out_channels`` channels out); a module
+    ``"crelu"`` :class:`orthomod.layers.CReLU` (twice ``out_channels`` channels out), ``"tanh"``
+    :class:`torch.nn.Tanh` (Xiao et al. 2018's vanilla CNNs); a module
     given as ``activation`` is used as it is (TAT's activation, shared by every layer).
     """
 
@@ -63,6 +64,8 @@ class ConvBNReLU(nn.Sequential):
             act = SReLU(out_channels)
         elif activation == "crelu":
             act = CReLU()
+        elif activation == "tanh":
+            act = nn.Tanh()
         else:
             act = None
         if act is None or norm not in NORMS:
@@ -209,7 +212,7 @@ def create(name: str, num_classes: int | None = None, init: str | None = "msra",
     is a scheme of :func:`orthomod.init.init_model_`, ``"looks-linear"`` (plain nets with
     ``activation="crelu"``: orthonormal init, then :func:`orthomod.init.looks_linear_` on
     every layer a CReLU feeds), or None for PyTorch's defaults. ``activation="srelu"``,
-    ``"crelu"`` and ``norm="none"`` exist for the CIFAR plain nets.
+    ``"crelu"``, ``"tanh"`` and ``norm="none"`` exist for the CIFAR plain nets.
     """
     family, depth = parse_model_name(name)
     if num_classes is None:
