@@ -39,13 +39,14 @@ COLLECTED = ROOT / "docs" / "results" / "runs"
 RESULTS = ROOT / "docs" / "RESULTS.md"
 # each leaderboard row's step time against the baseline's (benchmarks/bench_rows.py, AMD EPYC, fp32):
 # benchmarks/bench_rows.py's raw outputs, each row paired with the baseline in its own run; a later
-# file's row replaces an earlier one's (the LSUV, looks-linear and delta-tanh rows were added after
-# the first run; delta-tanh's was timed on the Zen 4 EPYC, in fp32 as the others)
+# file's row replaces an earlier one's (the LSUV, looks-linear, delta-tanh and isonet-mod rows were
+# added after the first run; the last two were timed on the Zen 4 EPYC, in fp32 as the others)
 ROW_TIMES = tuple(ROOT / "docs" / "benchmarks" / name for name in
                   ("2026-11-26-bench-rows-plain44-amd-epyc-avx2.json",
                    "2026-11-26-bench-rows-plain44-lsuv-amd-epyc-avx2.json",
                    "2026-11-26-bench-rows-plain44-looks-linear-amd-epyc-avx2.json",
-                   "2026-11-27-bench-rows-plain44-delta-tanh-amd-epyc-zen4-fp32.json"))
+                   "2026-11-27-bench-rows-plain44-delta-tanh-amd-epyc-zen4-fp32.json",
+                   "2026-11-27-bench-rows-plain44-isonet-mod-amd-epyc-zen4-fp32.json"))
 
 BASE = ["--no-progress", "--log-every", "50", "--diagnostics-every", "100"]
 C10 = ["--dataset", "cifar10"]
