@@ -1,7 +1,8 @@
 """Other ways to train deep plain nets, each against a closed form or a literal reference.
 
 Delta-orthogonal init (Xiao et al. 2018), the Dirac init and parametrization (DiracNets),
-SReLU (ISONet), tanh nets (Xiao et al.), SRIP (Bansal et al. 2018) and the conv-orthogonality regularizer (OCNN).
+SReLU (ISONet), tanh nets (Xiao et al.), SRIP (Bansal et al. 2018) and the conv-orthogonality
+regularizer (OCNN).
 """
 import json
 import signal
@@ -349,7 +350,9 @@ def test_every_regularizer_shares_the_interface():
     ["--init", "orthonormal", "--reg", "srip"],
     ["--init", "lsuv", "--norm", "none", "--lr", "0.01"],
     ["--init", "looks-linear", "--activation", "crelu", "--reg", "ortho", "--modulation", "on"],
-    ["--init", "delta-orthogonal", "--activation", "tanh", "--norm", "none", "--lr", "0.01"],
+    ["--init", "delta-orthogonal", "--activation", "tanh", "--norm", "none"],
+    ["--init", "dirac", "--activation", "srelu", "--norm", "none", "--reg", "conv-ortho", "--lr", "0.01",
+     "--modulation", "on"],
 ])
 def test_combinations_train_and_resume(tmp_path, flags, monkeypatch):
     toml = tmp_path / "t.toml"
