@@ -931,7 +931,8 @@ def figures(only: str | None = None) -> None:
         "seeds-plain44": [n for n in EXPERIMENTS if n.startswith(("e1-", "e2-plain44-ortho-mod"))],
         "seeds-plain110": [n for n in EXPERIMENTS if n.startswith("e4-plain110-ortho-mod-") and n not in LATER],
         **later,
-        # issue 15: the leaderboard's seed-0 runs beside the rows experiments 1 and 2 measured
+        # issue 15: the leaderboard's runs (probes, every seed) beside the seed 0 of the rows
+        # experiments 1 and 2 measured
         "leaderboard-plain44": [f"{base}-s0" for base in LEADERBOARD_EXISTING] + [n for n in EXPERIMENTS
                                                                                   if n.startswith("lb-")],
         "full-protocol": [n for n in EXPERIMENTS if n.startswith("f-")],

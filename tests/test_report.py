@@ -76,6 +76,24 @@ def test_line_styles_stay_distinct_past_ten_runs():
     assert _style(10)["color"] == _style(0)["color"] and _style(10)["linestyle"] != _style(0)["linestyle"]
 
 
+@pytest.mark.parametrize("count, outside", [(3, False), (30, True)])
+def test_a_legend_of_many_runs_sits_beside_the_axes_not_over_the_lines(count, outside):
+    from orthomod.report import _legend, _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i in range(count):
+        ax.plot([0, 1], [i, i + 1], label=f"run-{i}")
+    _legend(ax, count)
+    fig.canvas.draw()
+    legend, axes = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert len(ax.get_legend().get_texts()) == count
+    assert (legend.x0 >= axes.x1) == outside  # beside the axes, or inside them for a few runs
+    if outside:
+        assert legend.y1 <= fig.bbox.y1 + 1  # not above the top (savefig's tight bbox keeps the right side)
+    plt.close(fig)
+
+
 def test_a_run_with_one_probe_gets_its_heatmap_without_warnings(tmp_path, capsys):
     # a run collected just after it started has a single diagnostics probe
     Trainer(tiny_config(tmp_path, name="young", iterations=3, diagnostics_every=2, modulation=True),

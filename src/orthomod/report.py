@@ -75,6 +75,16 @@ def _style(i: int) -> dict:
     return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[i // 10 % 4]}
 
 
+def _legend(ax, count: int) -> None:
+    """The runs' legend: inside the axes for a few runs, beside them (outside) for many, where it
+    would cover the lines; a column per 25 runs."""
+    if count <= 8:
+        ax.legend(fontsize=7)
+    else:
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                  ncol=1 + (count - 1) // 25)
+
+
 def _curves(runs: list[Run], out: Path) -> str:
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -88,7 +98,7 @@ def _curves(runs: list[Run], out: Path) -> str:
     right.set(xlabel="iteration", ylabel="test accuracy (%)", title="Test accuracy")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    right.legend(fontsize=7)
+    _legend(right, len(runs))
     return _save(fig, out / "curves.png")
 
 
@@ -106,7 +116,7 @@ def _series(runs: list[Run], key: str, out: Path, name: str, ylabel: str, title:
         ax.set_yscale("log")
     ax.set(xlabel="iteration", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    _legend(ax, len(plotted))
     return _save(fig, out / name)
 
 
@@ -203,7 +213,7 @@ def _unit(t):
 
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": a legend beside the axes is kept whole
     _pyplot().close(fig)
     return path.name
 
