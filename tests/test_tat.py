@@ -34,7 +34,7 @@ def test_suo_delta_preserves_the_mean_square_of_every_input(c_in, c_out):
 
 def test_suo_delta_sets_the_centre_tap_only_and_says_nothing():
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # dks's list indexing warns on torch >= 2.9: not the user's concern
+        warnings.simplefilter("error")  # torch (2.13 here) warns about dks's list indexing: not the user's concern
         w = suo_delta_(torch.full((8, 8, 3, 3), 7.0, dtype=torch.float64))
     centre = w[:, :, 1, 1]
     torch.testing.assert_close(centre @ centre.T, torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-12)
