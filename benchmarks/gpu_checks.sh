@@ -2,12 +2,12 @@
 # What only a GPU can show, in one short run (about 4 minutes on one H100/H200):
 #   1. the CUDA tests (tests/test_cuda.py: no host sync in a modulated step, device rule = host
 #      rule in float64, fp16's scaler before the regularizer, DDP over NCCL, torchrun killed and resumed,
-#      --deterministic runs bit-identical)
+#      a run moved between the GPU and the CPU, --deterministic runs bit-identical)
 #   2. the demo with the defaults (auto: bf16 there), then --precision fp16 and fp32: wall time, accuracy
 #   3. bench_step.py on the GPU: the method's cost against weight decay, with the modulation rule
 #      on the device (the default there) and on host floats, plain-44 and plain-110, bf16 and fp32
-#      at batch 128, and plain-110 bf16 at batch 512; then the device rule against its previous,
-#      longer version (65fda72) in one process
+#      at batch 128, and plain-110 bf16 at batch 512 (an earlier modulator against today's, in one
+#      process: bench_step.py --against REV, by hand, where the tree is a git checkout)
 #   4. bench_precision.py on the host CPU pinned to 2 cores (AMX Xeons: fp32 against bf16)
 #   5. bench_step.py with torch.compile (inductor, then CUDA graphs): the method's cost when
 #      the model is compiled, plain-44 bf16
@@ -59,7 +59,6 @@ bench() {  # model precision batch [--compile MODE | --against REV]
 if part 3 "step time"; then
 for model in plain44 plain110; do for precision in bf16 fp32; do bench $model $precision 128; done; done
 bench plain110 bf16 512
-bench plain110 bf16 128 --against 65fda72   # the device rule in 16 ops (before 2026-11-26's 10-12), same process
 fi
 if part 4 "the host CPU, pinned to 2 cores as this project's CPU machines have: fp32 against bf16"; then
 grep -o -w 'amx_bf16\|avx512_bf16' /proc/cpuinfo | sort | uniq -c

@@ -1,7 +1,8 @@
 """The CUDA paths, where a GPU is (skipped elsewhere; run on a lent GPU by benchmarks/gpu_checks.sh):
 no host sync in a modulated training step, the device rule equal to the host rule, fp16's gradient
 scaler ordered before the regularizer, DistributedDataParallel over NCCL, a torchrun job killed
-and resumed, deterministic runs repeating bit for bit, the regularizers in float32 inside a CUDA
+and resumed, a run stopped on the GPU resumed on the CPU and the other way, deterministic runs
+repeating bit for bit, the regularizers in float32 inside a CUDA
 autocast region, and the modulator under torch.compile (inductor) as in eager mode."""
 import copy
 import json
@@ -102,6 +103,43 @@ def test_fp16_run_with_the_method_trains_and_records_its_precision(tmp_path):
     assert summary["device"].startswith("cuda") and math.isfinite(summary["final_train_loss"])
     scaler = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["grad_scaler"]  # saved for --resume
     assert scaler is not None and scaler["scale"] > 0
+
+
+@pytest.mark.parametrize("first", ["cuda", "cpu"])
+def test_a_run_stopped_on_one_device_resumes_on_the_other(tmp_path, monkeypatch, first):
+    # what scripts/experiments.py park does between machines: a run with device auto stopped where
+    # a GPU is and resumed where none is (a lent GPU given back), or the other way, with the state
+    # that lives on the device: weights, momentum, SRIP's power-iteration vectors
+    gpu_there = torch.cuda.is_available
+    then = "cpu" if first == "cuda" else "cuda"
+    config = tiny_config(tmp_path, iterations=30, init="orthonormal", reg="srip", modulation=True)
+
+    def machine(kind):  # what resolve_device('auto') sees
+        monkeypatch.setattr(torch.cuda, "is_available", gpu_there if kind == "cuda" else (lambda: False))
+
+    machine(first)
+    trainer = Trainer(config, progress=False)
+    agree = trainer._agree_on_loss
+
+    def sigterm_at_step_12(loss):
+        if trainer.step >= 12:
+            trainer._stop_signal = signal.SIGTERM
+        return agree(loss)
+
+    trainer._agree_on_loss = sigterm_at_step_12
+    stopped = trainer.run()
+    assert stopped["status"] == "interrupted" and 12 <= stopped["step"] < 30
+    machine(then)
+    final = Trainer(config, run_dir=tmp_path / "run", resume=True, progress=False).run()
+    assert final["status"] == "completed" and final["step"] == 30
+    assert [(s["device"].split(":")[0], s["from_step"]) for s in final["sessions"]] == [(first, 0),
+                                                                                      (then, stopped["step"])]
+    steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["kind"] == "train"]
+    assert steps == list(range(5, 31, 5))
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["modulator"]["step_count"] == 30 and math.isfinite(final["final_train_loss"])
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
 def _torchrun(run_folder_args, env):
