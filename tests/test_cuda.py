@@ -2,8 +2,8 @@
 no host sync in a modulated training step, the device rule equal to the host rule, fp16's gradient
 scaler ordered before the regularizer, DistributedDataParallel over NCCL, a torchrun job killed
 and resumed, a run stopped on the GPU resumed on the CPU and the other way, deterministic runs
-repeating bit for bit, the regularizers in float32 inside a CUDA
-autocast region, and the modulator under torch.compile (inductor) as in eager mode."""
+repeating bit for bit, the regularizers in float32 inside a CUDA autocast region, and the
+modulator under torch.compile (inductor) as in eager mode."""
 import copy
 import json
 import math
