@@ -30,7 +30,12 @@ __all__ = ["create", "parse_model_name", "list_models", "plain_cifar", "resnet_c
            "ACTIVATIONS", "NORMS"]
 
 PAPER_DEPTHS = (20, 32, 44, 56, 110)
-ACTIVATIONS = ("relu", "srelu", "tat", "crelu", "tanh")
+# name -> the activation layer after a conv of that many output channels; "tat" names TAT's
+# activation, which depends on the whole net: PlainNet builds it and passes the module itself
+_ACTIVATION_LAYERS: dict[str, Callable[[int], nn.Module]] = {
+    "relu": lambda channels: nn.ReLU(inplace=True), "srelu": SReLU, "crelu": lambda channels: CReLU(),
+    "tanh": lambda channels: nn.Tanh()}
+ACTIVATIONS = (*_ACTIVATION_LAYERS, "tat")
 NORMS = ("bn", "none")
 _WIDTHS = (16, 32, 64)
 
@@ -56,21 +61,10 @@ class ConvBNReLU(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, activation: str | nn.Module = "relu",
                  norm: str = "bn"):
-        if isinstance(activation, nn.Module):
-            act = activation
-        elif activation == "relu":
-            act = nn.ReLU(inplace=True)
-        elif activation == "srelu":
-            act = SReLU(out_channels)
-        elif activation == "crelu":
-            act = CReLU()
-        elif activation == "tanh":
-            act = nn.Tanh()
-        else:
-            act = None
-        if act is None or norm not in NORMS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)} and norm one of {', '.join(NORMS)}; "
-                             f"got {activation!r} and {norm!r}")
+        if not (isinstance(activation, nn.Module) or activation in _ACTIVATION_LAYERS) or norm not in NORMS:
+            raise ValueError(f"activation must be one of {', '.join(_ACTIVATION_LAYERS)} or a module and norm one of "
+                             f"{', '.join(NORMS)}; got {activation!r} and {norm!r}")
+        act = activation if isinstance(activation, nn.Module) else _ACTIVATION_LAYERS[activation](out_channels)
         super().__init__(
             nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=norm == "none"),
             nn.BatchNorm2d(out_channels) if norm == "bn" else nn.Identity(),
