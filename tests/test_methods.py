@@ -141,7 +141,7 @@ def test_srelu_closed_forms():
     assert sum(isinstance(m, SReLU) for m in model.modules()) == 7
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert all(m.bias is not None for m in model.modules() if isinstance(m, nn.Conv2d))
-    with pytest.raises(ValueError, match="built for the CIFAR plain nets"):
+    with pytest.raises(ValueError, match=r"only the CIFAR plain nets \(plain<d>\) build activation srelu, not resnet8"):
         create("resnet8", activation="srelu")
 
 
@@ -168,7 +168,7 @@ def test_a_tanh_net_is_conv_then_tanh_and_delta_orthogonal_makes_its_jacobian_at
     v = torch.randn(3, 16, 8, 8, dtype=F64)
     _, jv = torch.autograd.functional.jvp(stage, torch.zeros_like(v), v)
     torch.testing.assert_close(jv.flatten(1).norm(dim=1), v.flatten(1).norm(dim=1), rtol=1e-12, atol=0)
-    with pytest.raises(ValueError, match="built for the CIFAR plain nets"):
+    with pytest.raises(ValueError, match=r"only the CIFAR plain nets \(plain<d>\) build activation tanh, not resnet8"):
         create("resnet8", activation="tanh")
 
 
@@ -390,10 +390,13 @@ def test_srip_vectors_are_checkpointed(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--parametrization", "dirac", "--reg", "ortho"], "DiracNets train W with weight decay"),
-    (["--model", "resnet8", "--activation", "srelu"], "built for the CIFAR plain nets"),
+    (["--model", "resnet8", "--activation", "srelu"], "only the CIFAR plain nets (plain<d>) build activation"),
     (["--init", "identity"], "init = 'identity' is not valid"),
     (["--init", "looks-linear"], "add --activation crelu"),
-    (["--model", "resnet8", "--activation", "crelu"], "built for the CIFAR plain nets"),
+    (["--model", "resnet8", "--activation", "crelu"], "only the CIFAR plain nets (plain<d>) build activation"),
+    (["--model", "resnet8", "--norm", "none"], "build norm none, not resnet8; use --norm bn"),
+    (["--model", "resnet8", "--activation", "tanh", "--norm", "none"],
+     "build activation tanh and norm none, not resnet8; use --activation relu --norm bn"),
     (["--reg", "spectral"], "reg = 'spectral' is not valid"),
 ])
 def test_impossible_combinations_are_refused_in_one_line(tmp_path, capsys, flags, message):

@@ -19,7 +19,7 @@ from .data import DATASETS
 from .errors import OrthomodError
 from .hardware import PRECISIONS
 from .init import DATA_INIT_SCHEMES, INIT_SCHEMES, MODEL_INIT_SCHEMES
-from .models import ACTIVATIONS, NORMS, parse_model_name
+from .models import ACTIVATIONS, EVERY_MODEL, NORMS, plain_only_settings
 from .modulation import MODULATION_RULES
 from .regularizers import DEFAULT_COEFF, REGULARIZERS
 
@@ -135,12 +135,12 @@ class TrainConfig:
             raise ConfigError(f"data = {self.data!r} names a folder, but the shapes dataset is generated, not read; "
                               "add --dataset cifar10 (or folder) to train on that folder's data")
         try:
-            family, _ = parse_model_name(self.model)
+            plain_only = plain_only_settings(self.model, self.activation, self.norm)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if (self.activation, self.norm) != ("relu", "bn") and family != "plain":
-            raise ConfigError(f"activation {self.activation} and norm {self.norm} are built for the CIFAR plain nets "
-                              f"(plain<d>), not {self.model}; use --activation relu --norm bn")
+        if plain_only:
+            fix = " ".join(f"--{k} {v}" for k, v in EVERY_MODEL.items() if getattr(self, k) != v)
+            raise ConfigError(f"{plain_only}; use {fix}")
         if self.activation == "tat" and self.norm != "none":
             raise ConfigError("activation tat is for nets without normalization: add --norm none "
                               "(and --init suo-delta, its init)")

@@ -27,7 +27,7 @@ from .init import MODEL_INIT_SCHEMES, init_model_, looks_linear_
 from .layers import CReLU, SReLU
 
 __all__ = ["create", "parse_model_name", "list_models", "plain_cifar", "resnet_cifar", "PAPER_DEPTHS",
-           "ACTIVATIONS", "NORMS"]
+           "ACTIVATIONS", "NORMS", "EVERY_MODEL", "plain_only_settings"]
 
 PAPER_DEPTHS = (20, 32, 44, 56, 110)
 # name -> the activation layer after a conv of that many output channels; "tat" names TAT's
@@ -37,6 +37,8 @@ _ACTIVATION_LAYERS: dict[str, Callable[[int], nn.Module]] = {
     "tanh": lambda channels: nn.Tanh()}
 ACTIVATIONS = (*_ACTIVATION_LAYERS, "tat")
 NORMS = ("bn", "none")
+# what every model builds; the other activations and norms exist for the CIFAR plain nets only
+EVERY_MODEL = {"activation": "relu", "norm": "bn"}
 _WIDTHS = (16, 32, 64)
 
 
@@ -198,6 +200,17 @@ def parse_model_name(name: str) -> tuple[str, int]:
     return family, depth
 
 
+def plain_only_settings(name: str, activation: str, norm: str) -> str | None:
+    """Why model ``name`` cannot have this activation and norm (those only the CIFAR plain nets
+    build), or None if it can."""
+    family, _ = parse_model_name(name)
+    special = {k: v for k, v in {"activation": activation, "norm": norm}.items() if v != EVERY_MODEL[k]}
+    if not special or family == "plain":
+        return None
+    return (f"only the CIFAR plain nets (plain<d>) build {' and '.join(f'{k} {v}' for k, v in special.items())}, "
+            f"not {name}")
+
+
 def create(name: str, num_classes: int | None = None, init: str | None = "msra", activation: str = "relu",
            norm: str = "bn") -> nn.Module:
     """Build a model by name (``plain44``, ``imagenet-resnet50``, ...) and initialize it.
@@ -212,10 +225,9 @@ def create(name: str, num_classes: int | None = None, init: str | None = "msra",
     if num_classes is None:
         num_classes = 1000 if family.startswith("imagenet-") else 10
     layer = {}
-    if (activation, norm) != ("relu", "bn"):
-        if family != "plain":
-            raise ValueError(f"activation {activation!r} and norm {norm!r} are built for the CIFAR plain nets "
-                             f"(plain<d>), not {name!r}")
+    if plain_only := plain_only_settings(name, activation, norm):
+        raise ValueError(plain_only)
+    if (activation, norm) != tuple(EVERY_MODEL.values()):
         layer = {"activation": activation, "norm": norm}
     if init in MODEL_INIT_SCHEMES and activation != "crelu":
         raise ValueError(f"init {init!r} mirrors the weights that a CReLU feeds; {name!r} with activation "
