@@ -224,11 +224,9 @@ def create(name: str, num_classes: int | None = None, init: str | None = "msra",
     family, depth = parse_model_name(name)
     if num_classes is None:
         num_classes = 1000 if family.startswith("imagenet-") else 10
-    layer = {}
     if plain_only := plain_only_settings(name, activation, norm):
         raise ValueError(plain_only)
-    if (activation, norm) != tuple(EVERY_MODEL.values()):
-        layer = {"activation": activation, "norm": norm}
+    layer = {"activation": activation, "norm": norm} if family == "plain" else {}
     if init in MODEL_INIT_SCHEMES and activation != "crelu":
         raise ValueError(f"init {init!r} mirrors the weights that a CReLU feeds; {name!r} with activation "
                          f"{activation!r} has none: use activation='crelu'")
