@@ -85,9 +85,10 @@ class TrainConfig:
     l2_beside: float = _opt(0.0, "L2 weight decay on conv/linear weights beside an orthogonality reg (ortho, "
                                  "srip, conv-ortho); ISONet keeps 1e-4 beside its penalty (0: the reg replaces it)")
     decay_bn_bias: bool = _opt(False, "also L2-decay BN parameters and biases (off: docs/METHOD-NOTES.md)")
-    activation: str = _opt("relu", "relu, srelu (ISONet), tat (needs orthomod[tat] and norm none), crelu "
-                                   "([relu(x), relu(-x)]: twice the channels) or tanh; plain nets")
-    norm: str = _opt("bn", "bn or none (without BN the convs get a bias); plain nets")
+    activation: str = _opt(EVERY_MODEL["activation"],
+                           "relu, srelu (ISONet), tat (needs orthomod[tat] and norm none), crelu "
+                           "([relu(x), relu(-x)]: twice the channels) or tanh; plain nets")
+    norm: str = _opt(EVERY_MODEL["norm"], "bn or none (without BN the convs get a bias); plain nets")
     parametrization: str = _opt("none", "none or dirac (DiracNets: W = a delta + b W/|W|; train with reg l2)")
     modulation: bool = _opt(False, "backward error modulation on/off")
     modulation_tau: float = _opt(1.0, "modulate when consecutive moments differ by more than tau (1: every layer)")
