@@ -29,9 +29,8 @@ import torch.nn.functional as F
 
 import orthomod.modulation
 from orthomod import ErrorModulator, create
-from orthomod.hardware import choose_precision
+from orthomod.hardware import choose_precision, cpu_model
 
-from bench_step import cpu_model
 
 
 class _TimedModulator(ErrorModulator):

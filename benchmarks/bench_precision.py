@@ -18,9 +18,8 @@ import time
 import torch
 
 from orthomod import create
-from orthomod.hardware import Precision, choose_precision, cpu_bf16_feature
+from orthomod.hardware import Precision, choose_precision, cpu_bf16_feature, cpu_model
 
-from bench_step import cpu_model
 from bench_step import make_step as make_method_step
 
 

@@ -18,9 +18,8 @@ import time
 import torch
 
 from orthomod import create
+from orthomod.hardware import cpu_model
 from orthomod.regularizers import REGULARIZERS, make_regularizer
-
-from bench_step import cpu_model
 
 
 def main() -> None:

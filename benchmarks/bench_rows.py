@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 
 from orthomod.cli import train_config
-from orthomod.hardware import choose_precision
+from orthomod.hardware import choose_precision, cpu_model
 from orthomod.train import build_model, build_modulator, build_optimizer, build_regularizer, init_from_data_, \
     train_step
 
-from bench_step import cpu_model, paired_ratio
+from bench_step import paired_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -51,25 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from orthomod import ErrorModulator, OrthonormalRegularizer, create
-from orthomod.hardware import choose_precision, resolve_device
+from orthomod.hardware import choose_precision, cpu_model, resolve_device
 from orthomod.regularizers import make_regularizer, split_decay_parameters
-
-def cpu_model() -> str:
-    """The CPU's model name, with its family and model numbers (a VM's name alone, "AMD EPYC", does
-    not tell Zen 3 from Zen 4), for the record beside every timing."""
-    fields = {}
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    if "model name" not in fields:
-        return platform.processor() or platform.machine()
-    numbers = (f" (family {fields['cpu family']} model {fields['model']})"
-               if "cpu family" in fields and "model" in fields else "")
-    return fields["model name"] + numbers
-
 
 def paired_ratio(times: list[float], reference: list[float]) -> float:
     """The median over rounds of one configuration's time over the reference's in the same round

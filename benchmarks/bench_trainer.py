@@ -39,10 +39,9 @@ import torch.nn.functional as F
 from orthomod.config import TrainConfig
 from orthomod.data import load_dataset, normalization
 from orthomod.models import create
-from orthomod.hardware import choose_precision
+from orthomod.hardware import choose_precision, cpu_model
 from orthomod.train import Trainer
 
-from bench_step import cpu_model
 
 
 def hand_written_loop(model_name: str, dataset, steps: int, batch_size: int, warmup: int, precision,

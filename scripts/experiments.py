@@ -6,6 +6,7 @@
     python scripts/experiments.py park           # collect, and keep each unfinished run's checkpoint there too
     python scripts/experiments.py tables [--write]   # the tables of the collected runs (--write: into RESULTS.md)
     python scripts/experiments.py figures [--only GROUP]   # orthomod report over each experiment's runs
+    ORTHOMOD_DATA=DIR python scripts/experiments.py propagation   # each leaderboard method's plain-44 at step 0
 
 Each experiment is one `orthomod train` command; a run that is already complete (here or in its
 collected copy) is skipped and an interrupted one is resumed with `--resume` while its
@@ -528,6 +529,7 @@ def table_blocks(runs: dict[str, dict]) -> dict[str, list[str]]:
             "comparisons": _comparisons(runs),
             "leaderboard": leaderboard(runs),
             "probes": _probe_table(runs),
+            "propagation": _propagation_table(runs),
             "recipes": _recipes_table(runs)}
 
 
@@ -856,6 +858,61 @@ def step_ratios(*paths: Path) -> dict[str, float]:
     return ratios
 
 
+# Each leaderboard method's plain-44 (and resnet-44) at step 0, before any training: how its signal
+# and its errors cross the net (`orthomod analyze propagation`, one batch, fp32), written by
+# `propagation` and read by the table beside the leaderboard
+PROPAGATION = ROOT / "docs" / "results" / "propagation-plain44.json"
+
+
+def propagation_flags() -> dict[str, list[str]]:
+    """Method key -> the `orthomod analyze propagation` flags of its seed-0 net: the flags its
+    leaderboard runs train with (those that build the model, its data and its init are what count)."""
+    return ({key: [*C10, "--model", "plain44", "--seed", "0", *flags] for key, flags in METHOD_FLAGS.items()}
+            | {"resnet44": [*C10, "--model", "resnet44", "--seed", "0", *L2]})
+
+
+def propagation() -> None:
+    """Run `orthomod analyze propagation --json` for every method and write PROPAGATION."""
+    import datetime
+
+    import torch
+    from orthomod.hardware import cpu_model
+
+    rows = {}
+    for key, flags in propagation_flags().items():
+        command = [sys.executable, "-m", "orthomod", "analyze", "propagation", *flags, "--json"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"experiments.py: {key}: {done.stderr.strip() or done.stdout.strip()}")
+        rows[key] = {"command": f"orthomod analyze propagation {' '.join(flags)}", **json.loads(done.stdout)}
+        print(f"{key:<16} signal last/first {rows[key]['forward_last_over_first']:.3g}, "
+              f"q(first)/q(last) {rows[key]['errors_first_over_last']:.3g}")
+    record = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "torch": torch.__version__, "rows": rows}
+    save_text(PROPAGATION, json.dumps(record, indent=1) + "\n")
+    print(f"wrote {PROPAGATION}")
+
+
+def _propagation_table(runs: dict[str, dict], path: Path = PROPAGATION) -> list[str]:
+    """Per leaderboard row: its net at step 0 (PROPAGATION) beside its seed-0 run's errors at the end
+    and its accuracy."""
+    measured = json.loads(path.read_text())["rows"] if path.exists() else {}
+    lines = ["| method | signal at step 0: E[out^2] last / first conv | errors at step 0: q(first)/q(last) | "
+             "q(first)/q(last) at the end (seed 0) | final test acc (%) |", "|---|---|---|---|---|"]
+    for base, label in LEADERBOARD_ROWS.items():
+        key = "resnet44" if base == LEADERBOARD_REFERENCE else ROW_METHOD.get(base)
+        if key not in measured or base == "lb-plain44-l2":  # the baseline's rerun: the same net as e1's
+            continue
+        row, seeds = measured[key], _seeds(base, runs)
+        accs = _accuracies(seeds)
+        acc = f"{100 * fmean(accs):.2f}" + (f" ({len(accs)} seeds)" if len(accs) > 1 else "") if accs else "-"
+        late = _late_ratio(seeds[0]) if seeds else "-"
+        lines.append(f"| {label} | {row['forward_last_over_first']:.3g} | {row['errors_first_over_last']:.3g} | "
+                     f"{late} | {acc} |")
+    return lines
+
+
 def leaderboard(runs: dict[str, dict]) -> list[str]:
     """Issue 15: one row per method at plain-44, 10 epochs: accuracy over seeds, gap to the
     residual net, the exact permutation p of the difference to the best row (rows with 2 seeds or
@@ -963,7 +1020,7 @@ def _progress(name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("run", "list", "collect", "park", "tables", "figures"))
+    parser.add_argument("action", choices=("run", "list", "collect", "park", "tables", "figures", "propagation"))
     parser.add_argument("--only")
     parser.add_argument("--write", action="store_true", help="tables: write them into docs/RESULTS.md")
     args = parser.parse_args()
@@ -975,6 +1032,8 @@ def main() -> None:
         tables(args.write)
     elif args.action == "figures":
         figures(args.only)
+    elif args.action == "propagation":
+        propagation()
     else:
         for name, flags in EXPERIMENTS.items():
             print(f"{name:<34} {_progress(name):<24} orthomod train {' '.join(flags)}")

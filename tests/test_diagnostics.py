@@ -7,11 +7,11 @@ from torch import nn
 
 from conftest import tiny_config
 from orthomod.diagnostics import (bn_jacobian, filter_correlation, filter_correlation_of, gradient_norms,
-                                  moment_ratios, orthogonality_residuals)
+                                  moment_ratios, orthogonality_residuals, signal_propagation)
 from orthomod.init import orthonormal_
 from orthomod.models import create
 from orthomod.modulation import ErrorModulator
-from orthomod.train import Trainer
+from orthomod.train import Trainer, initial_model
 
 
 def test_filter_correlation_constructed_weights():
@@ -93,3 +93,62 @@ def test_trainer_records_diagnostics_at_interval(tmp_path):
     assert records[0]["error_moments_after"] == pytest.approx([records[0]["error_moments_after"][-1]] * 7, rel=2e-2)
     assert any(s != 1.0 for s in records[0]["modulation_scales"])
     assert records[1]["modulation_scales"] == [1.0] * 7 and records[1]["error_moments_after"] == records[1]["error_moments_before"]
+
+
+def test_signal_propagation_closed_form_on_a_scaled_orthogonal_chain():
+    # 1x1 convs C -> C with weights c_l * Q_l (Q_l orthogonal), no nonlinearity, logits = the last
+    # conv's output: the signal's moment gains c_l^2 at each layer going up, the error's c_l^2 at
+    # each layer going down, and the top error is (softmax(z) - onehot(y)) / N
+    scales = [2.0, 0.5, 3.0, 1.5]
+    c, n = 5, 7
+    net = nn.Sequential(*[nn.Conv2d(c, c, 1, bias=False) for _ in scales], nn.Flatten(1)).double()
+    for conv, scale in zip(net, scales):
+        with torch.no_grad():
+            conv.weight.copy_(scale * orthonormal_(torch.empty(c, c, 1, 1, dtype=torch.float64)))
+    x = torch.randn(n, c, 1, 1, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 4, 0, 1])
+    out = signal_propagation(net, x, y)
+    assert out["names"] == ["0", "1", "2", "3"]
+    gains = torch.tensor(scales, dtype=torch.float64) ** 2
+    expected_up = x.square().mean() * torch.cumprod(gains, 0)
+    assert out["forward"] == pytest.approx(expected_up.tolist(), rel=1e-12)
+    logits = net(x)
+    top = ((logits.softmax(1) - nn.functional.one_hot(y, c)) / n).square().mean()
+    below = torch.cat([torch.flip(torch.cumprod(torch.flip(gains[1:], [0]), 0), [0]), torch.ones(1, dtype=gains.dtype)])
+    assert out["errors"] == pytest.approx((top * below).tolist(), rel=1e-10)
+    assert out["forward_last_over_first"] == pytest.approx(float(gains[1:].prod()), rel=1e-12)
+    assert out["errors_first_over_last"] == pytest.approx(float(gains[1:].prod()), rel=1e-10)
+
+
+def test_signal_propagation_leaves_the_model_as_it_was():
+    model = create("plain8", init="orthonormal")
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = signal_propagation(model, torch.randn(8, 3, 32, 32), torch.arange(8) % 10)
+    assert len(out["names"]) == len(out["forward"]) == len(out["errors"]) == 7
+    assert all(math.isfinite(v) and v > 0 for v in out["forward"] + out["errors"])
+    assert not model.training  # the copy ran in training mode, not the model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN's running stats too
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+    ErrorModulator(model).remove()  # no modulator left attached to its layers
+
+
+def test_signal_propagation_refuses_a_layer_run_twice_and_a_model_without_convs():
+    conv = nn.Conv2d(3, 3, 1)
+    with pytest.raises(ValueError, match="layer '0' ran twice in one forward pass"):
+        signal_propagation(nn.Sequential(conv, conv, nn.Flatten(1)), torch.randn(2, 3, 1, 1), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="found no layers to measure"):
+        signal_propagation(nn.Linear(3, 3), torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("changes", [{}, {"init": "lsuv", "norm": "none"}])
+def test_initial_model_is_the_trainers_model_at_step_0(tmp_path, changes):
+    config = tiny_config(tmp_path, **changes)
+    model, images, labels = initial_model(config)
+    trainer = Trainer(config, progress=False)
+    assert images.shape == (50, 3, 32, 32) and labels.shape == (50,)
+    theirs = trainer.model.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in model.state_dict().items())
+    x, y = next(iter(trainer.train_loader.epoch(0, 0, first_step=0)))
+    assert torch.equal(images, x) and torch.equal(labels, y)

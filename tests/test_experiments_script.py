@@ -62,7 +62,7 @@ def test_results_md_holds_the_tables_of_the_committed_runs(experiments):
     `collect`, `tables --write` must follow (this fails until it does)."""
     text, runs = experiments.RESULTS.read_text(), experiments._collected()
     blocks = experiments.table_blocks(runs)
-    assert len(blocks) == 12 and experiments.filled(text, blocks) == text
+    assert len(blocks) == 13 and experiments.filled(text, blocks) == text
     best = experiments.best_row(experiments.RECIPES["plain44-best"], runs)
     recipe = next(line for line in text.splitlines() if line.startswith("| `plain44-best` |"))
     assert recipe.split(" | ")[2] == best[0]
@@ -343,3 +343,28 @@ def test_park_keeps_an_unfinished_runs_checkpoint_and_run_resumes_from_it(experi
     (runs / "a-s0" / "summary.json").write_text(json.dumps({"status": "completed", "step": 9}))
     experiments.collect(park=True)
     assert not list(collected.glob("*/checkpoint.pt"))
+
+
+def test_propagation_measures_the_net_each_rows_seed_0_trained(experiments):
+    from orthomod.cli import train_config
+
+    flags = experiments.propagation_flags()
+    assert set(flags) == set(experiments.METHOD_FLAGS) | {"resnet44"}
+    pairs = {**{base: key for base, key in experiments.ROW_METHOD.items()}, experiments.LEADERBOARD_REFERENCE: "resnet44"}
+    for base, key in pairs.items():
+        trained = train_config(experiments.EXPERIMENTS[base + "-s0"])
+        probed = train_config([*flags[key], "--iterations", "1"])
+        for field in ("model", "dataset", "init", "activation", "norm", "parametrization", "seed", "batch_size",
+                      "augment", "normalize"):
+            assert getattr(probed, field) == getattr(trained, field), (base, field)
+
+
+def test_propagation_table_sets_each_rows_start_beside_its_end(experiments, tmp_path):
+    path = tmp_path / "propagation.json"
+    path.write_text(json.dumps({"rows": {"isonet": {"forward_last_over_first": 0.5, "errors_first_over_last": 0.25},
+                                         "l2": {"forward_last_over_first": 4.0, "errors_first_over_last": 2e6}}}))
+    lines = experiments._propagation_table(experiments._collected(), path)
+    # the baseline once (experiment 1's five seeds, not the rerun's one), then the rows measured, in leaderboard order
+    assert lines[2:] == ["| msra + L2 (baseline, experiment 1) | 4 | 2e+06 | 1.93 | 59.63 (5 seeds) |",
+                         "| ISONet without BN, lr 0.01 | 0.5 | 0.25 | 243 | 75.56 (3 seeds) |"]
+    assert experiments._propagation_table({}, tmp_path / "missing.json")[2:] == []

@@ -68,6 +68,22 @@ def test_analyze_bn_jacobian_prints_and_plots(tmp_path, capsys):
     assert main(["analyze", "bn-jacobian", "--batch", "2"]) == 2
 
 
+def test_analyze_propagation_prints_a_line_per_conv_layer(capsys):
+    flags = ["--model", "plain8", "--shapes-train", "200", "--shapes-test", "50", "--batch-size", "20"]
+    assert main(["analyze", "propagation", *flags, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "plain8" and out["batch"] == 20 and len(out["names"]) == 7
+    assert out["errors_first_over_last"] == pytest.approx(out["errors"][0] / out["errors"][-1])
+    assert main(["analyze", "propagation", *flags]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("plain8, init msra, activation relu, norm bn") and "(20 images)" in lines[0]
+    assert len(lines) == 1 + 1 + 7 + 1 and lines[-1].startswith("signal, last layer over first:")
+    assert main(["analyze", "propagation", "--model", "plain8", "--activation", "tanh", "--norm", "none",
+                 "--init", "delta-orthogonal", "--shapes-train", "200", "--shapes-test", "50"]) == 0
+    assert main(["analyze", "propagation", "--model", "resnet8", "--activation", "tanh"]) == 2
+    assert "only the CIFAR plain nets" in capsys.readouterr().err
+
+
 def test_line_styles_stay_distinct_past_ten_runs():
     from orthomod.report import _style
 

@@ -8,6 +8,7 @@
     orthomod presets                             # list the presets
     orthomod report runs/A runs/B --out report   # figures and a comparison table
     orthomod analyze bn-jacobian --out figs      # the BN Jacobian's eigenvalues against rho^2
+    orthomod analyze propagation --config demo   # per layer: signal up, errors down, at step 0
 
 Exit codes: 0 done; 2 invalid input or an unusable file, folder or machine (a one-line error);
 3 the run diverged (summary.json says where; the last good checkpoint, if any, stays); 128 + N
@@ -122,6 +123,16 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--eps", type=float, default=1e-5)
     bn.add_argument("--seed", type=int, default=0)
     bn.add_argument("--out", help="folder for bn_jacobian.png (default: print only)")
+    propagation = what.add_parser(
+        "propagation", help="per layer at step 0: the signal's second moment up, the errors' down",
+        description="The model and first training batch that `orthomod train` with the same flags starts from: "
+                    "one forward and backward pass in fp32 on the CPU, per conv layer the second moment of its "
+                    "output and of the loss's gradient at that output (q, as in Figs. 3-4). Takes train's flags; "
+                    "those that build the model, its data and its init matter.")
+    propagation.add_argument("--config", help="a TOML config file or a preset name (see: orthomod presets)")
+    propagation.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
+    for flag, (key, kind, text) in _TRAIN_FLAGS.items():
+        propagation.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text)
     return parser
 
 
@@ -254,6 +265,37 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    return {"bn-jacobian": _analyze_bn_jacobian, "propagation": _analyze_propagation}[args.analysis](args)
+
+
+def _analyze_propagation(args: argparse.Namespace) -> int:
+    from .diagnostics import signal_propagation
+    from .train import initial_model
+
+    config = _new_run_config(args, _overrides(args))
+    if config.epochs is None and config.iterations is None:
+        config.iterations = 1  # step 0 does not depend on the budget
+    model, images, labels = initial_model(config.validate())
+    result = signal_propagation(model, images.float(), labels)
+    if args.json:
+        print(json.dumps({"model": config.model, "init": config.init, "activation": config.activation,
+                          "norm": config.norm, "parametrization": config.parametrization, "seed": config.seed,
+                          "batch": len(labels)} | result))
+        return 0
+    print(f"{config.model}, init {config.init}, activation {config.activation}, norm {config.norm}, parametrization "
+          f"{config.parametrization}, seed {config.seed}: step 0 on its first training batch ({len(labels)} images), "
+          "fp32, training mode")
+    width = max(len("layer"), *map(len, result["names"]))
+    top = result["errors"][-1]
+    print(f"{'layer':<{width}}  {'E[out^2]':>10}  {'q (error)':>10}  {'q / q(last)':>11}")
+    for name, up, down in zip(result["names"], result["forward"], result["errors"]):
+        print(f"{name:<{width}}  {up:>10.3e}  {down:>10.3e}  {down / top if top else math.nan:>11.3e}")
+    print(f"signal, last layer over first: {result['forward_last_over_first']:.3g}; "
+          f"errors, first layer over last: {result['errors_first_over_last']:.3g}")
+    return 0
+
+
+def _analyze_bn_jacobian(args: argparse.Namespace) -> int:
     import torch
 
     from .diagnostics import bn_jacobian

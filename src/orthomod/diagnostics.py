@@ -7,6 +7,9 @@
   first/last ratio of Fig. 3 and the per-layer ratios ``q^l / q^L`` of Fig. 4.
 - :func:`orthogonality_residuals` (``||V V^T - I||_F`` per layer, group-wise) and
   :func:`gradient_norms`.
+- :func:`signal_propagation`: on one batch at the current weights, each layer's output second
+  moment going up and its error moment ``q`` coming down, without changing the model (where a
+  net fails at init, and in which direction).
 - :func:`bn_jacobian`: the exact Jacobian of one BN component over a batch (autograd) and the
   eigenvalues of ``J J^T`` against ``rho^2 = gamma^2 / (sigma_B^2 + eps)`` (the paper's
   appendix: ``J J^T ~= rho^2 I`` apart from two near-zero eigenvalues).
@@ -18,16 +21,18 @@
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import nn
 
+from .modulation import ErrorModulator
 from .regularizers import orthonormal_penalty
 from .weights import CONV_TRANSPOSE_TYPES, CONV_TYPES, LayerFilter, filter_matrices, geometry, weight_layers
 
 __all__ = ["weighted_layers", "filter_correlation_of", "filter_correlation", "orthogonality_residuals",
-           "gradient_norms", "moment_ratios", "bn_jacobian"]
+           "gradient_norms", "moment_ratios", "signal_propagation", "bn_jacobian"]
 
 
 def weighted_layers(model: nn.Module, filter: LayerFilter = None) -> list[tuple[str, nn.Module]]:
@@ -83,6 +88,58 @@ def moment_ratios(moments: list[float]) -> dict:
     top = moments[-1]
     per_layer = [q / top if top else math.nan for q in moments]
     return {"first_over_last": per_layer[0], "per_layer": per_layer}
+
+
+def signal_propagation(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn=None,
+                       filter: LayerFilter = None) -> dict:
+    """One forward and backward pass of ``inputs`` through a copy of ``model`` in training mode
+    (BN normalizes with the batch's statistics), measuring every layer of :func:`weighted_layers`:
+
+    - ``forward``: the second moment (mean of squares) of the layer's output;
+    - ``errors``: ``q``, the second moment of the loss's gradient with respect to that output, as
+      :class:`~orthomod.modulation.ErrorModulator` measures it for Figs. 3-4 (nothing modulated);
+    - ``names`` in the order the layers ran, ``forward_last_over_first`` (below 1: the signal
+      fades on its way up) and ``errors_first_over_last`` (:func:`moment_ratios`' ``q^1 / q^L``;
+      below 1: errors vanish on their way down).
+
+    ``loss_fn(outputs, targets)`` defaults to cross-entropy. ``model`` itself is not touched: its
+    weights, buffers (BN's running statistics), gradients and hooks stay as they were. A layer
+    that runs more than once in the pass is refused (one value per layer would mix its calls).
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.Conv2d(8, 8, 1, bias=False), nn.Flatten(1))
+    >>> _ = [nn.init.orthogonal_(m.weight) for m in net[:2]]
+    >>> out = signal_propagation(net, torch.randn(4, 3, 1, 1), torch.tensor([0, 1, 2, 3]))
+    >>> round(out["forward_last_over_first"], 6), round(out["errors_first_over_last"], 6)
+    (1.0, 1.0)
+    """
+    probe = copy.deepcopy(model).train()
+    named = weighted_layers(probe, filter)
+    if not named:
+        raise ValueError("signal_propagation found no layers to measure" +
+                         (" that the filter accepts" if filter is not None else " (no conv layers)"))
+    names = {module: name or "<model>" for name, module in named}
+    forward: dict[nn.Module, float] = {}  # insertion order: the order the layers ran
+
+    def record(module: nn.Module, args, output) -> None:
+        if module in forward:
+            raise ValueError(f"layer {names[module]!r} ran twice in one forward pass; signal_propagation "
+                             "gives one value per layer: measure a model that calls each layer once")
+        forward[module] = float(output.detach().double().square().mean())
+
+    handles = [module.register_forward_hook(record) for _, module in named]
+    modulator = ErrorModulator(probe, until_step=0, monitor=True, filter=filter)
+    try:
+        loss = (loss_fn or nn.functional.cross_entropy)(probe(inputs), targets)
+        loss.backward()
+        errors = modulator.moments_before
+    finally:
+        modulator.remove()
+        for handle in handles:
+            handle.remove()
+    values = list(forward.values())
+    return {"names": [names[m] for m in forward], "forward": values, "errors": errors,
+            "forward_last_over_first": values[-1] / values[0] if values[0] else math.nan,
+            "errors_first_over_last": moment_ratios(errors)["first_over_last"]}
 
 
 def bn_jacobian(x: torch.Tensor, gamma: float = 1.0, beta: float = 0.0, eps: float = 1e-5) -> dict:

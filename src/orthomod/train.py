@@ -82,6 +82,22 @@ def init_from_data_(config: TrainConfig, model: nn.Module, batch) -> None:
         raise RunError(f"--init {config.init}: {exc}") from None
 
 
+def initial_model(config: TrainConfig) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The model a new run of ``config`` starts from, and the images and labels of its first
+    training batch, on the CPU in one process: seed, loaders, model and data-dependent init in
+    the trainer's order, so the weights are the run's at step 0 (tested against :class:`Trainer`)."""
+    torch.manual_seed(config.seed)
+    train, _, classes = make_loaders(config, torch.device("cpu"))
+    model = build_model(config, len(classes), init=config.init)
+
+    def first_batch():
+        return next(iter(train.epoch(0, 0, first_step=0)))
+
+    init_from_data_(config, model, lambda: first_batch()[0])
+    images, labels = first_batch()
+    return model, images, labels
+
+
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The config's optimizer; L2 decay only on conv/linear weights unless ``decay_bn_bias``.
 
