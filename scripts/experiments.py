@@ -891,7 +891,23 @@ def propagation() -> None:
               "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "torch": torch.__version__, "rows": rows}
     save_text(PROPAGATION, json.dumps(record, indent=1) + "\n")
-    print(f"wrote {PROPAGATION}")
+    print(f"wrote {PROPAGATION} and {propagation_figure(rows)}")
+
+
+def propagation_figure(rows: dict[str, dict], path: Path = PROPAGATION.with_suffix(".png")) -> Path:
+    """One line per distinct net of ``rows`` (method key -> measurement): methods that start from
+    the same net (they differ in regularizer or modulation only) share a line, named by their keys."""
+    from orthomod.report import propagation_figure as draw
+
+    groups: list[tuple[list[str], dict]] = []  # (keys, net), in the order each net first appears
+    for key, row in rows.items():
+        same = next((keys for keys, net in groups
+                     if (net["forward"], net["errors"]) == (row["forward"], row["errors"])), None)
+        if same is None:
+            groups.append(([key], row))
+        else:
+            same.append(key)
+    return draw({", ".join(keys): net for keys, net in groups}, path)
 
 
 def _propagation_table(runs: dict[str, dict], path: Path = PROPAGATION) -> list[str]:

@@ -368,3 +368,12 @@ def test_propagation_table_sets_each_rows_start_beside_its_end(experiments, tmp_
     assert lines[2:] == ["| msra + L2 (baseline, experiment 1) | 4 | 2e+06 | 1.93 | 59.63 (5 seeds) |",
                          "| ISONet without BN, lr 0.01 | 0.5 | 0.25 | 243 | 75.56 (3 seeds) |"]
     assert experiments._propagation_table({}, tmp_path / "missing.json")[2:] == []
+
+
+def test_propagation_figure_draws_one_line_per_distinct_net(experiments, tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr("orthomod.report.propagation_figure", lambda nets, path: drawn.update(nets) or path)
+    same = {"forward": [1.0, 2.0], "errors": [4.0, 1.0]}
+    rows = {"ortho": same, "l2": {"forward": [1.0, 3.0], "errors": [9.0, 1.0]}, "srip": dict(same), "tat": dict(same)}
+    experiments.propagation_figure(rows, tmp_path / "p.png")
+    assert list(drawn) == ["ortho, srip, tat", "l2"] and drawn["ortho, srip, tat"] == same

@@ -68,7 +68,7 @@ def test_analyze_bn_jacobian_prints_and_plots(tmp_path, capsys):
     assert main(["analyze", "bn-jacobian", "--batch", "2"]) == 2
 
 
-def test_analyze_propagation_prints_a_line_per_conv_layer(capsys):
+def test_analyze_propagation_prints_a_line_per_conv_layer(capsys, tmp_path):
     flags = ["--model", "plain8", "--shapes-train", "200", "--shapes-test", "50", "--batch-size", "20"]
     assert main(["analyze", "propagation", *flags, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -79,7 +79,10 @@ def test_analyze_propagation_prints_a_line_per_conv_layer(capsys):
     assert lines[0].startswith("plain8, init msra, activation relu, norm bn") and "(20 images)" in lines[0]
     assert len(lines) == 1 + 1 + 7 + 1 and lines[-1].startswith("signal, last layer over first:")
     assert main(["analyze", "propagation", "--model", "plain8", "--activation", "tanh", "--norm", "none",
-                 "--init", "delta-orthogonal", "--shapes-train", "200", "--shapes-test", "50"]) == 0
+                 "--init", "delta-orthogonal", "--shapes-train", "200", "--shapes-test", "50",
+                 "--figure", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path / 'propagation.png'}"
+    assert (tmp_path / "propagation.png").stat().st_size > 5000
     assert main(["analyze", "propagation", "--model", "resnet8", "--activation", "tanh"]) == 2
     assert "only the CIFAR plain nets" in capsys.readouterr().err
 

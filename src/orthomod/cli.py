@@ -131,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
                     "those that build the model, its data and its init matter.")
     propagation.add_argument("--config", help="a TOML config file or a preset name (see: orthomod presets)")
     propagation.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
+    propagation.add_argument("--figure", metavar="FOLDER", help="also draw FOLDER/propagation.png (train's --out "
+                                                                "names its run folder, unused here)")
     for flag, (key, kind, text) in _TRAIN_FLAGS.items():
         propagation.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text)
     return parser
@@ -275,23 +277,29 @@ def _analyze_propagation(args: argparse.Namespace) -> int:
     config = _new_run_config(args, _overrides(args))
     if config.epochs is None and config.iterations is None:
         config.iterations = 1  # step 0 does not depend on the budget
+    out = _output_folder(args.figure) if args.figure else None  # checked before the work, used after it
     model, images, labels = initial_model(config.validate())
     result = signal_propagation(model, images.float(), labels)
     if args.json:
         print(json.dumps({"model": config.model, "init": config.init, "activation": config.activation,
                           "norm": config.norm, "parametrization": config.parametrization, "seed": config.seed,
                           "batch": len(labels)} | result))
-        return 0
-    print(f"{config.model}, init {config.init}, activation {config.activation}, norm {config.norm}, parametrization "
-          f"{config.parametrization}, seed {config.seed}: step 0 on its first training batch ({len(labels)} images), "
-          "fp32, training mode")
-    width = max(len("layer"), *map(len, result["names"]))
-    top = result["errors"][-1]
-    print(f"{'layer':<{width}}  {'E[out^2]':>10}  {'q (error)':>10}  {'q / q(last)':>11}")
-    for name, up, down in zip(result["names"], result["forward"], result["errors"]):
-        print(f"{name:<{width}}  {up:>10.3e}  {down:>10.3e}  {down / top if top else math.nan:>11.3e}")
-    print(f"signal, last layer over first: {result['forward_last_over_first']:.3g}; "
-          f"errors, first layer over last: {result['errors_first_over_last']:.3g}")
+    else:
+        print(f"{config.model}, init {config.init}, activation {config.activation}, norm {config.norm}, "
+              f"parametrization {config.parametrization}, seed {config.seed}: step 0 on its first training batch "
+              f"({len(labels)} images), fp32, training mode")
+        width = max(len("layer"), *map(len, result["names"]))
+        top = result["errors"][-1]
+        print(f"{'layer':<{width}}  {'E[out^2]':>10}  {'q (error)':>10}  {'q / q(last)':>11}")
+        for name, up, down in zip(result["names"], result["forward"], result["errors"]):
+            print(f"{name:<{width}}  {up:>10.3e}  {down:>10.3e}  {down / top if top else math.nan:>11.3e}")
+        print(f"signal, last layer over first: {result['forward_last_over_first']:.3g}; "
+              f"errors, first layer over last: {result['errors_first_over_last']:.3g}")
+    if out is not None:
+        from .report import propagation_figure
+
+        figure = propagation_figure({f"{config.model}, init {config.init}": result}, out / "propagation.png")
+        print(f"wrote {figure}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -307,7 +315,7 @@ def _analyze_bn_jacobian(args: argparse.Namespace) -> int:
         raise ConfigError(f"--gamma must be a finite number, got {args.gamma}")
     if not (math.isfinite(args.eps) and args.eps > 0):
         raise ConfigError(f"--eps must be a finite number > 0, got {args.eps}")
-    out = _output_folder(args.out) if args.out else None  # checked before the work, used after it
+    out = _output_folder(args.figure) if args.figure else None  # checked before the work, used after it
     generator = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, dtype=torch.float64, generator=generator)
     result = bn_jacobian(x, gamma=args.gamma, eps=args.eps)

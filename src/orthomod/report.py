@@ -8,7 +8,8 @@ Figures (PNG, matplotlib Agg): training loss and test accuracy curves; mean filt
 against iterations (paper Fig. 2); first/last error moment ratio on a log scale (Fig. 3); a
 heatmap of per-layer ratios ``q^l / q^L``, layers x iterations, per run (Fig. 4); first-layer
 filters and feature maps of a fixed test image, per run (Fig. 6). ``report.md`` and
-``report.html`` show the same table and figures.
+``report.html`` show the same table and figures. :func:`propagation_figure` draws what
+``orthomod analyze propagation`` measures, for one net or several.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 from .errors import OrthomodError
 from .files import RunFolder
 
-__all__ = ["Run", "load_run", "write_report", "ReportError"]
+__all__ = ["Run", "load_run", "write_report", "propagation_figure", "ReportError"]
 
 
 class ReportError(OrthomodError):
@@ -204,6 +205,32 @@ def _first_layer(run: Run, out: Path, image_cache: dict) -> tuple[str | None, st
     fig.suptitle(f"First layer: filters (top){'' if image is None else ', test image and feature maps'}: {run.label}",
                  fontsize=8)
     return _save(fig, out / f"first_layer_{run.label}.png"), reason
+
+
+def propagation_figure(nets: dict[str, dict], path: str | Path) -> Path:
+    """Two panels from :func:`orthomod.diagnostics.signal_propagation`'s results, one line per
+    net (label -> result): each layer's output second moment over the first layer's (the signal
+    going up) and each layer's error moment over the last layer's (``q^l / q^L``, the errors
+    coming down), both on a log scale against the layer's position."""
+    plt = _pyplot()
+    fig, (up, down) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (label, result) in enumerate(nets.items()):
+        layers = range(1, len(result["forward"]) + 1)
+        first, last = result["forward"][0], result["errors"][-1]
+        up.plot(layers, [v / first if first else math.nan for v in result["forward"]], label=label, **_style(i))
+        down.plot(layers, [v / last if last else math.nan for v in result["errors"]], label=label, **_style(i))
+    up.set(xlabel="layer (forward order)", ylabel="E[out^2] / first layer's", title="Signal at step 0, going up")
+    down.set(xlabel="layer (forward order)", ylabel="q^l / q^L", title="Errors at step 0, coming down")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (up, down):
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3, which="both")
+    _legend(down, len(nets))
+    path = Path(path)
+    _save(fig, path)
+    return path
 
 
 def _unit(t):
