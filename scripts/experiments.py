@@ -304,6 +304,7 @@ DEPTH_RUNS = {"l2": {20: "e2-plain20-l2", 44: "e1-plain44-l2", 110: "e2-plain110
               **{key: {20: f"dp-plain20-{key}", 44: f"lb-plain44-{key}", 110: f"dp-plain110-{key}"}
                  for key in LEADERBOARD_METHODS if key != "l2"}}
 RESNET_DEPTH_RUNS = {20: "e2-resnet20-l2", 44: "e2-resnet44-l2", 110: "e2-resnet110-l2"}
+RESNET_LABEL = "residual, msra + L2"  # its line and column in the depth figure and tables
 ROW_METHOD = {"e1-plain44-l2": "l2", "e1-plain44-ortho": "ortho", "e2-plain44-ortho-mod": "ortho-mod",
               **{f"lb-plain44-{key}": key for key in LEADERBOARD_METHODS}}  # plain-44 row -> method key
 METHOD_LABELS = {**{key: label for key, (label, _) in {**PAPER_METHODS, **LEADERBOARD_METHODS}.items()},
@@ -530,6 +531,7 @@ def table_blocks(runs: dict[str, dict]) -> dict[str, list[str]]:
             "leaderboard": leaderboard(runs),
             "probes": _probe_table(runs),
             "propagation": _propagation_table(runs),
+            "propagation-depth": _propagation_depth_table(runs),
             "recipes": _recipes_table(runs)}
 
 
@@ -813,7 +815,7 @@ def depth_sweep(runs: dict[str, dict]) -> dict[str, dict[int, str]]:
     shown = {"ortho-mod", *top_methods(runs), *measured}
     return {METHOD_LABELS["l2"]: DEPTH_RUNS["l2"], **{METHOD_LABELS[key]: DEPTH_RUNS[key] for key in DEPTH_RUNS
                                                       if key in shown},
-            "residual, msra + L2": RESNET_DEPTH_RUNS}
+            RESNET_LABEL: RESNET_DEPTH_RUNS}
 
 
 def _recipes_table(runs: dict[str, dict]) -> list[str]:
@@ -858,43 +860,49 @@ def step_ratios(*paths: Path) -> dict[str, float]:
     return ratios
 
 
-# Each leaderboard method's plain-44 (and resnet-44) at step 0, before any training: how its signal
-# and its errors cross the net (`orthomod analyze propagation`, one batch, fp32), written by
-# `propagation` and read by the table beside the leaderboard
-PROPAGATION = ROOT / "docs" / "results" / "propagation-plain44.json"
+# Each method's plain net (and the residual net) of each depth at step 0, before any training: how
+# its signal and its errors cross the net (`orthomod analyze propagation`, one batch, fp32), written
+# by `propagation` and read by the tables beside the leaderboard and the depth sweep
+PROPAGATION = ROOT / "docs" / "results" / "propagation.json"
+RESNET_KEY = "resnet"  # the residual net's key among the methods' in PROPAGATION
 
 
-def propagation_flags() -> dict[str, list[str]]:
-    """Method key -> the `orthomod analyze propagation` flags of its seed-0 net: the flags its
-    leaderboard runs train with (those that build the model, its data and its init are what count)."""
-    return ({key: [*C10, "--model", "plain44", "--seed", "0", *flags] for key, flags in METHOD_FLAGS.items()}
-            | {"resnet44": [*C10, "--model", "resnet44", "--seed", "0", *L2]})
+def propagation_flags() -> dict[int, dict[str, list[str]]]:
+    """Depth -> method key -> the `orthomod analyze propagation` flags of its seed-0 net: the flags
+    its runs train with (those that build the model, its data and its init are what count)."""
+    return {depth: {key: [*C10, "--model", f"plain{depth}", "--seed", "0", *flags] for key, flags in METHOD_FLAGS.items()}
+            | {RESNET_KEY: [*C10, "--model", f"resnet{depth}", "--seed", "0", *L2]} for depth in DEPTH_EPOCHS}
 
 
 def propagation() -> None:
-    """Run `orthomod analyze propagation --json` for every method and write PROPAGATION."""
+    """Run `orthomod analyze propagation --json` for every method at every depth, write PROPAGATION
+    and draw each depth's figure."""
     import datetime
 
     import torch
     from orthomod.hardware import cpu_model
 
-    rows = {}
-    for key, flags in propagation_flags().items():
-        command = [sys.executable, "-m", "orthomod", "analyze", "propagation", *flags, "--json"]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"experiments.py: {key}: {done.stderr.strip() or done.stdout.strip()}")
-        rows[key] = {"command": f"orthomod analyze propagation {' '.join(flags)}", **json.loads(done.stdout)}
-        print(f"{key:<16} signal last/first {rows[key]['forward_last_over_first']:.3g}, "
-              f"q(first)/q(last) {rows[key]['errors_first_over_last']:.3g}")
+    depths = {}
+    for depth, methods in propagation_flags().items():
+        rows = depths[str(depth)] = {}
+        for key, flags in methods.items():
+            command = [sys.executable, "-m", "orthomod", "analyze", "propagation", *flags, "--json"]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"experiments.py: {key} at {depth} layers: {done.stderr.strip() or done.stdout.strip()}")
+            rows[key] = {"command": f"orthomod analyze propagation {' '.join(flags)}", **json.loads(done.stdout)}
+            print(f"{depth:>3} {key:<16} signal last/first {rows[key]['forward_last_over_first']:.3g}, "
+                  f"q(first)/q(last) {rows[key]['errors_first_over_last']:.3g}")
     record = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "torch": torch.__version__, "rows": rows}
+              "torch": torch.__version__, "depths": depths}
     save_text(PROPAGATION, json.dumps(record, indent=1) + "\n")
-    print(f"wrote {PROPAGATION} and {propagation_figure(rows)}")
+    drawn = [propagation_figure(rows, PROPAGATION.with_name(f"propagation-plain{depth}.png"))
+             for depth, rows in depths.items()]
+    print(f"wrote {PROPAGATION}, {', '.join(path.name for path in drawn)}")
 
 
-def propagation_figure(rows: dict[str, dict], path: Path = PROPAGATION.with_suffix(".png")) -> Path:
+def propagation_figure(rows: dict[str, dict], path: Path) -> Path:
     """One line per distinct net of ``rows`` (method key -> measurement): methods that start from
     the same net (they differ in regularizer or modulation only) share a line, named by their keys."""
     from orthomod.report import propagation_figure as draw
@@ -910,14 +918,18 @@ def propagation_figure(rows: dict[str, dict], path: Path = PROPAGATION.with_suff
     return draw({", ".join(keys): net for keys, net in groups}, path)
 
 
+def _measured(path: Path, depth: int) -> dict[str, dict]:
+    """PROPAGATION's measurements at one depth, by method key (none before `propagation` ran)."""
+    return json.loads(path.read_text())["depths"].get(str(depth), {}) if path.exists() else {}
+
+
 def _propagation_table(runs: dict[str, dict], path: Path = PROPAGATION) -> list[str]:
-    """Per leaderboard row: its net at step 0 (PROPAGATION) beside its seed-0 run's errors at the end
-    and its accuracy."""
-    measured = json.loads(path.read_text())["rows"] if path.exists() else {}
+    """Per leaderboard row: its net at step 0 beside its seed-0 run's errors at the end and its accuracy."""
+    measured = _measured(path, 44)
     lines = ["| method | signal at step 0: E[out^2] last / first conv | errors at step 0: q(first)/q(last) | "
              "q(first)/q(last) at the end (seed 0) | final test acc (%) |", "|---|---|---|---|---|"]
     for base, label in LEADERBOARD_ROWS.items():
-        key = "resnet44" if base == LEADERBOARD_REFERENCE else ROW_METHOD.get(base)
+        key = RESNET_KEY if base == LEADERBOARD_REFERENCE else ROW_METHOD.get(base)
         if key not in measured or base == "lb-plain44-l2":  # the baseline's rerun: the same net as e1's
             continue
         row, seeds = measured[key], _seeds(base, runs)
@@ -926,6 +938,19 @@ def _propagation_table(runs: dict[str, dict], path: Path = PROPAGATION) -> list[
         late = _late_ratio(seeds[0]) if seeds else "-"
         lines.append(f"| {label} | {row['forward_last_over_first']:.3g} | {row['errors_first_over_last']:.3g} | "
                      f"{late} | {acc} |")
+    return lines
+
+
+def _propagation_depth_table(runs: dict[str, dict], path: Path = PROPAGATION) -> list[str]:
+    """The depth table's methods and depths: q(first)/q(last) of each net at step 0."""
+    keys = {label: key for key, label in METHOD_LABELS.items()} | {RESNET_LABEL: RESNET_KEY}
+    sweep = depth_sweep(runs)
+    lines = ["| depth | " + " | ".join(sweep) + " |", "|---" * (len(sweep) + 1) + "|"]
+    for depth in DEPTH_EPOCHS:
+        measured = _measured(path, depth)
+        cells = (f"{measured[keys[label]]['errors_first_over_last']:.3g}" if keys[label] in measured else "-"
+                 for label in sweep)
+        lines.append(f"| plain-{depth} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -62,7 +62,7 @@ def test_results_md_holds_the_tables_of_the_committed_runs(experiments):
     `collect`, `tables --write` must follow (this fails until it does)."""
     text, runs = experiments.RESULTS.read_text(), experiments._collected()
     blocks = experiments.table_blocks(runs)
-    assert len(blocks) == 13 and experiments.filled(text, blocks) == text
+    assert len(blocks) == 14 and experiments.filled(text, blocks) == text
     best = experiments.best_row(experiments.RECIPES["plain44-best"], runs)
     recipe = next(line for line in text.splitlines() if line.startswith("| `plain44-best` |"))
     assert recipe.split(" | ")[2] == best[0]
@@ -349,25 +349,39 @@ def test_propagation_measures_the_net_each_rows_seed_0_trained(experiments):
     from orthomod.cli import train_config
 
     flags = experiments.propagation_flags()
-    assert set(flags) == set(experiments.METHOD_FLAGS) | {"resnet44"}
-    pairs = {**{base: key for base, key in experiments.ROW_METHOD.items()}, experiments.LEADERBOARD_REFERENCE: "resnet44"}
-    for base, key in pairs.items():
+    assert set(flags) == {20, 44, 110}
+    assert all(set(methods) == set(experiments.METHOD_FLAGS) | {"resnet"} for methods in flags.values())
+    pairs = {**{(44, base): key for base, key in experiments.ROW_METHOD.items()},
+             **{(depth, base): key for key, bases in experiments.DEPTH_RUNS.items() for depth, base in bases.items()},
+             **{(depth, base): "resnet" for depth, base in experiments.RESNET_DEPTH_RUNS.items()}}
+    for (depth, base), key in pairs.items():
         trained = train_config(experiments.EXPERIMENTS[base + "-s0"])
-        probed = train_config([*flags[key], "--iterations", "1"])
+        probed = train_config([*flags[depth][key], "--iterations", "1"])
         for field in ("model", "dataset", "init", "activation", "norm", "parametrization", "seed", "batch_size",
                       "augment", "normalize"):
             assert getattr(probed, field) == getattr(trained, field), (base, field)
 
 
-def test_propagation_table_sets_each_rows_start_beside_its_end(experiments, tmp_path):
+def test_propagation_tables_set_each_nets_start_beside_its_end(experiments, tmp_path):
     path = tmp_path / "propagation.json"
-    path.write_text(json.dumps({"rows": {"isonet": {"forward_last_over_first": 0.5, "errors_first_over_last": 0.25},
-                                         "l2": {"forward_last_over_first": 4.0, "errors_first_over_last": 2e6}}}))
-    lines = experiments._propagation_table(experiments._collected(), path)
+    path.write_text(json.dumps({"depths": {
+        "44": {"isonet": {"forward_last_over_first": 0.5, "errors_first_over_last": 0.25},
+               "l2": {"forward_last_over_first": 4.0, "errors_first_over_last": 2e6}},
+        "110": {"l2": {"forward_last_over_first": 4.0, "errors_first_over_last": 5e14}}}}))
+    runs = experiments._collected()
+    lines = experiments._propagation_table(runs, path)
     # the baseline once (experiment 1's five seeds, not the rerun's one), then the rows measured, in leaderboard order
     assert lines[2:] == ["| msra + L2 (baseline, experiment 1) | 4 | 2e+06 | 1.93 | 59.63 (5 seeds) |",
                          "| ISONet without BN, lr 0.01 | 0.5 | 0.25 | 243 | 75.56 (3 seeds) |"]
     assert experiments._propagation_table({}, tmp_path / "missing.json")[2:] == []
+    depth = experiments._propagation_depth_table(runs, path)
+    columns = depth[0].strip("| ").split(" | ")
+    assert columns[0] == "depth" and columns[1] == "msra + L2" and columns[-1] == "residual, msra + L2"
+    assert "ISONet without BN, lr 0.01" in columns
+    cells = {row.split(" | ")[0].strip("| "): row.strip("| ").split(" | ")[1:] for row in depth[2:]}
+    assert cells["plain-20"] == ["-"] * (len(columns) - 1)
+    assert cells["plain-44"][0] == "2e+06" and cells["plain-44"][columns.index("ISONet without BN, lr 0.01") - 1] == "0.25"
+    assert cells["plain-110"][0] == "5e+14" and cells["plain-110"][1:] == ["-"] * (len(columns) - 2)
 
 
 def test_propagation_figure_draws_one_line_per_distinct_net(experiments, tmp_path, monkeypatch):

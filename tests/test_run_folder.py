@@ -66,6 +66,8 @@ def test_bad_inputs_give_one_line_and_exit_2(tmp_path, capsys):
         "--eps must be a finite number > 0, got 0.0": ["analyze", "bn-jacobian", "--eps", "0"],
         "--eps must be a finite number > 0, got -1.0": ["analyze", "bn-jacobian", "--eps", "-1"],
         "--batch must be between 3 and 4096": ["analyze", "bn-jacobian", "--batch", "100000000"],
+        f"--figure {a_file} is a file; give a folder": ["analyze", "propagation", "--figure", a_file],
+        "cannot create the output folder /proc/x (": ["analyze", "propagation", "--figure", "/proc/x"],
     }
     for expected, argv in cases.items():
         assert expected in _one_line_error(capsys, argv), argv

@@ -277,7 +277,7 @@ def _analyze_propagation(args: argparse.Namespace) -> int:
     config = _new_run_config(args, _overrides(args))
     if config.epochs is None and config.iterations is None:
         config.iterations = 1  # step 0 does not depend on the budget
-    out = _output_folder(args.figure) if args.figure else None  # checked before the work, used after it
+    out = _output_folder(args.figure, "--figure") if args.figure else None  # checked before the work, used after it
     model, images, labels = initial_model(config.validate())
     result = signal_propagation(model, images.float(), labels)
     if args.json:
@@ -315,7 +315,7 @@ def _analyze_bn_jacobian(args: argparse.Namespace) -> int:
         raise ConfigError(f"--gamma must be a finite number, got {args.gamma}")
     if not (math.isfinite(args.eps) and args.eps > 0):
         raise ConfigError(f"--eps must be a finite number > 0, got {args.eps}")
-    out = _output_folder(args.figure) if args.figure else None  # checked before the work, used after it
+    out = _output_folder(args.out) if args.out else None  # checked before the work, used after it
     generator = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, dtype=torch.float64, generator=generator)
     result = bn_jacobian(x, gamma=args.gamma, eps=args.eps)
@@ -345,15 +345,15 @@ def _analyze_bn_jacobian(args: argparse.Namespace) -> int:
 MAX_JACOBIAN_BATCH = 4096
 
 
-def _output_folder(path: str) -> Path:
-    """Create an output folder, or a one-line error saying why it cannot be."""
+def _output_folder(path: str, flag: str = "--out") -> Path:
+    """Create the output folder that ``flag`` names, or a one-line error saying why it cannot be."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"--out {folder} is a file; give a folder")
+        raise ConfigError(f"{flag} {folder} is a file; give a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot create the output folder {folder} ({exc.strerror or exc}); choose another --out") from None
+        raise ConfigError(f"cannot create the output folder {folder} ({exc.strerror or exc}); choose another {flag}") from None
     return folder
 
 
