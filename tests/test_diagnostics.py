@@ -134,12 +134,19 @@ def test_signal_propagation_leaves_the_model_as_it_was():
     ErrorModulator(model).remove()  # no modulator left attached to its layers
 
 
-def test_signal_propagation_refuses_a_layer_run_twice_and_a_model_without_convs():
+def test_signal_propagation_refuses_a_layer_run_twice_a_model_without_convs_and_a_modulated_one():
     conv = nn.Conv2d(3, 3, 1)
     with pytest.raises(ValueError, match="layer '0' ran twice in one forward pass"):
         signal_propagation(nn.Sequential(conv, conv, nn.Flatten(1)), torch.randn(2, 3, 1, 1), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="found no layers to measure"):
         signal_propagation(nn.Linear(3, 3), torch.randn(2, 3), torch.tensor([0, 1]))
+    model = create("plain8")
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
+    modulator = ErrorModulator(model)
+    with pytest.raises(ValueError, match="layer '0.0' has an ErrorModulator attached"):
+        signal_propagation(model, x, y)
+    modulator.remove()
+    assert signal_propagation(model, x, y)["errors_first_over_last"] != pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.parametrize("changes", [{}, {"init": "lsuv", "norm": "none"}])

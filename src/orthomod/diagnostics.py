@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from .modulation import ErrorModulator
+from .modulation import ErrorModulator, attached_modulator
 from .regularizers import orthonormal_penalty
 from .weights import CONV_TRANSPOSE_TYPES, CONV_TYPES, LayerFilter, filter_matrices, geometry, weight_layers
 
@@ -103,8 +103,9 @@ def signal_propagation(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
       below 1: errors vanish on their way down).
 
     ``loss_fn(outputs, targets)`` defaults to cross-entropy. ``model`` itself is not touched: its
-    weights, buffers (BN's running statistics), gradients and hooks stay as they were. A layer
-    that runs more than once in the pass is refused (one value per layer would mix its calls).
+    weights, buffers (BN's running statistics), gradients and hooks stay as they were. Refused: a
+    layer that runs more than once in the pass (one value per layer would mix its calls), and a
+    model with an :class:`~orthomod.modulation.ErrorModulator` attached (it would scale the errors).
 
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), nn.Conv2d(8, 8, 1, bias=False), nn.Flatten(1))
     >>> _ = [nn.init.orthogonal_(m.weight) for m in net[:2]]
@@ -112,6 +113,11 @@ def signal_propagation(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
     >>> round(out["forward_last_over_first"], 6), round(out["errors_first_over_last"], 6)
     (1.0, 1.0)
     """
+    for name, layer in weighted_layers(model, filter):
+        if attached_modulator(layer) is not None:
+            raise ValueError(f"layer {name or '<model>'!r} has an ErrorModulator attached, which would scale the "
+                             "errors signal_propagation measures: measure the model before attaching it, or after "
+                             "its .remove()")
     probe = copy.deepcopy(model).train()
     named = weighted_layers(probe, filter)
     if not named:

@@ -83,7 +83,7 @@ from torch import nn
 
 from .weights import CONV_TRANSPOSE_TYPES, CONV_TYPES, LayerFilter, weight_layers
 
-__all__ = ["ErrorModulator", "MODULATION_RULES"]
+__all__ = ["ErrorModulator", "MODULATION_RULES", "attached_modulator"]
 
 MODULATION_RULES = ("consecutive", "top")
 _instances = itertools.count()
@@ -160,6 +160,13 @@ class _Node:
         self.tops: tuple[_Node, ...] = ()
 
 
+def attached_modulator(layer: nn.Module) -> "ErrorModulator | None":
+    """The :class:`ErrorModulator` that modulates ``layer`` now (attached, not removed), or None."""
+    ref = getattr(layer, "_orthomod_modulator", None)
+    owner = ref() if ref is not None else None
+    return owner if owner is not None and owner._handles and layer in owner._names else None
+
+
 class ErrorModulator:
     """Attach backward error modulation to the conv layers of ``model``.
 
@@ -215,9 +222,7 @@ class ErrorModulator:
         self.layers = [m for _, m in named]
         self._names = {m: name or "<model>" for name, m in named}  # keyed by module: copy.deepcopy maps them
         for name, layer in named:
-            owner = getattr(layer, "_orthomod_modulator", None)
-            owner = owner() if owner is not None else None
-            if owner is not None and owner._handles and layer in owner._names:
+            if attached_modulator(layer) is not None:
                 raise ValueError(f"layer {name or '<model>'!r} already has an ErrorModulator: a second one would "
                                  "scale every error twice; call .remove() on the first (or use it)")
         for layer in self.layers:
