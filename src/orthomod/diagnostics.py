@@ -9,7 +9,7 @@
   :func:`gradient_norms`.
 - :func:`signal_propagation`: on one batch at the current weights, each layer's output second
   moment going up and its error moment ``q`` coming down, without changing the model (where a
-  net fails at init, and in which direction).
+  net fails at init, and in which direction; docs/METHOD-NOTES.md, Signal propagation at step 0).
 - :func:`bn_jacobian`: the exact Jacobian of one BN component over a batch (autograd) and the
   eigenvalues of ``J J^T`` against ``rho^2 = gamma^2 / (sigma_B^2 + eps)`` (the paper's
   appendix: ``J J^T ~= rho^2 I`` apart from two near-zero eigenvalues).
