@@ -140,6 +140,17 @@ def test_signal_propagation_refuses_a_layer_run_twice_a_model_without_convs_and_
         signal_propagation(nn.Sequential(conv, conv, nn.Flatten(1)), torch.randn(2, 3, 1, 1), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="found no layers to measure"):
         signal_propagation(nn.Linear(3, 3), torch.randn(2, 3), torch.tensor([0, 1]))
+
+    class Unused(nn.Module):  # a conv the forward pass never calls
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 3, 1), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(x)
+
+    with pytest.raises(ValueError, match="none of the layers signal_propagation measures ran"):
+        signal_propagation(Unused(), torch.randn(2, 3), torch.tensor([0, 1]))
     model = create("plain8")
     x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
     modulator = ErrorModulator(model)

@@ -142,6 +142,8 @@ def signal_propagation(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
         modulator.remove()
         for handle in handles:
             handle.remove()
+    if not forward:
+        raise ValueError("none of the layers signal_propagation measures ran in the forward pass")
     values = list(forward.values())
     return {"names": [names[m] for m in forward], "forward": values, "errors": errors,
             "forward_last_over_first": values[-1] / values[0] if values[0] else math.nan,

@@ -213,6 +213,8 @@ def propagation_figure(nets: dict[str, dict], path: str | Path) -> Path:
     going up) and each layer's error moment over the last layer's (``q^l / q^L``, the errors
     coming down), both on a log scale against the layer's position."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, (up, down) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (label, result) in enumerate(nets.items()):
         layers = range(1, len(result["forward"]) + 1)
@@ -221,8 +223,6 @@ def propagation_figure(nets: dict[str, dict], path: str | Path) -> Path:
         down.plot(layers, [v / last if last else math.nan for v in result["errors"]], label=label, **_style(i))
     up.set(xlabel="layer (forward order)", ylabel="E[out^2] / first layer's", title="Signal at step 0, going up")
     down.set(xlabel="layer (forward order)", ylabel="q^l / q^L", title="Errors at step 0, coming down")
-    from matplotlib.ticker import MaxNLocator
-
     for ax in (up, down):
         ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
