@@ -6,7 +6,7 @@
     python scripts/experiments.py park           # collect, and keep each unfinished run's checkpoint there too
     python scripts/experiments.py tables [--write]   # the tables of the collected runs (--write: into RESULTS.md)
     python scripts/experiments.py figures [--only GROUP]   # orthomod report over each experiment's runs
-    ORTHOMOD_DATA=DIR python scripts/experiments.py propagation   # each leaderboard method's plain-44 at step 0
+    ORTHOMOD_DATA=DIR python scripts/experiments.py propagation   # every method's nets at 20/44/110 layers at step 0
 
 Each experiment is one `orthomod train` command; a run that is already complete (here or in its
 collected copy) is skipped and an interrupted one is resumed with `--resume` while its
@@ -870,7 +870,8 @@ RESNET_KEY = "resnet"  # the residual net's key among the methods' in PROPAGATIO
 def propagation_flags() -> dict[int, dict[str, list[str]]]:
     """Depth -> method key -> the `orthomod analyze propagation` flags of its seed-0 net: the flags
     its runs train with (those that build the model, its data and its init are what count)."""
-    return {depth: {key: [*C10, "--model", f"plain{depth}", "--seed", "0", *flags] for key, flags in METHOD_FLAGS.items()}
+    return {depth: {key: [*C10, "--model", f"plain{depth}", "--seed", "0", *flags]
+                    for key, flags in METHOD_FLAGS.items()}
             | {RESNET_KEY: [*C10, "--model", f"resnet{depth}", "--seed", "0", *L2]} for depth in DEPTH_EPOCHS}
 
 
