@@ -934,11 +934,9 @@ def _propagation_table(runs: dict[str, dict], path: Path = PROPAGATION) -> list[
         if key not in measured or base == "lb-plain44-l2":  # the baseline's rerun: the same net as e1's
             continue
         row, seeds = measured[key], _seeds(base, runs)
-        accs = _accuracies(seeds)
-        acc = f"{100 * fmean(accs):.2f}" + (f" ({len(accs)} seeds)" if len(accs) > 1 else "") if accs else "-"
         late = _late_ratio(seeds[0]) if seeds else "-"
         lines.append(f"| {label} | {row['forward_last_over_first']:.3g} | {row['errors_first_over_last']:.3g} | "
-                     f"{late} | {acc} |")
+                     f"{late} | {_mean_over_seeds(base, runs)} |")
     return lines
 
 

@@ -95,11 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", help="train one run", description="Train one run. Flags override the config.")
-    train.add_argument("--config", help="a TOML config file or a preset name (see: orthomod presets)")
+    _add_config_arguments(train)
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for flag, (key, kind, text) in _TRAIN_FLAGS.items():
-        train.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text)
     train.add_argument("--bf16", dest="precision", type=_bf16_alias, default=argparse.SUPPRESS,
                        help="old flag: on = --precision bf16, off = --precision fp32")
 
@@ -129,13 +127,18 @@ def _parser() -> argparse.ArgumentParser:
                     "one forward and backward pass in fp32 on the CPU, per conv layer the second moment of its "
                     "output and of the loss's gradient at that output (q, as in Figs. 3-4). Takes train's flags; "
                     "those that build the model, its data and its init matter.")
-    propagation.add_argument("--config", help="a TOML config file or a preset name (see: orthomod presets)")
+    _add_config_arguments(propagation)
     propagation.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
     propagation.add_argument("--figure", metavar="FOLDER", help="also draw FOLDER/propagation.png (train's --out "
                                                                 "names its run folder, unused here)")
-    for flag, (key, kind, text) in _TRAIN_FLAGS.items():
-        propagation.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text)
     return parser
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and one flag per config key: what ``train`` and ``analyze propagation`` build a config from."""
+    parser.add_argument("--config", help="a TOML config file or a preset name (see: orthomod presets)")
+    for flag, (key, kind, text) in _TRAIN_FLAGS.items():
+        parser.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, help=text)
 
 
 def _train(args: argparse.Namespace) -> int:

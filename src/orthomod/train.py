@@ -82,6 +82,11 @@ def init_from_data_(config: TrainConfig, model: nn.Module, batch) -> None:
         raise RunError(f"--init {config.init}: {exc}") from None
 
 
+def first_batch(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels of a run's first training step, from its train loader."""
+    return next(iter(loader.epoch(0, 0, first_step=0)))
+
+
 def initial_model(config: TrainConfig) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The model a new run of ``config`` starts from, and the images and labels of its first
     training batch, on the CPU in one process: seed, loaders, model and data-dependent init in
@@ -89,12 +94,8 @@ def initial_model(config: TrainConfig) -> tuple[nn.Module, torch.Tensor, torch.T
     torch.manual_seed(config.seed)
     train, _, classes = make_loaders(config, torch.device("cpu"))
     model = build_model(config, len(classes), init=config.init)
-
-    def first_batch():
-        return next(iter(train.epoch(0, 0, first_step=0)))
-
-    init_from_data_(config, model, lambda: first_batch()[0])
-    images, labels = first_batch()
+    images, labels = first_batch(train)
+    init_from_data_(config, model, lambda: images)
     return model, images, labels
 
 
@@ -327,7 +328,7 @@ class Trainer:
             model = convert_sync_batchnorm(model)
         model = model.to(self.device)
         if not self.resume:  # a resumed run loads its weights
-            init_from_data_(cfg, model, lambda: next(iter(self.train_loader.epoch(0, 0, first_step=0)))[0])
+            init_from_data_(cfg, model, lambda: first_batch(self.train_loader)[0])
         self.model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
         self.network = self.model  # what the forward pass calls: the model, or its DDP wrapper
         if world.distributed:
