@@ -21,6 +21,7 @@ from conftest import tiny_config
 from test_distributed import _launcher  # torchrun on a free rendezvous port
 from test_regularizers import regularizer_in_autocast
 from orthomod import ErrorModulator, OrthonormalRegularizer, create
+from orthomod.diagnostics import signal_propagation
 from orthomod.files import load_checkpoint
 from orthomod.hardware import Precision, choose_precision
 from orthomod.train import Trainer, train_step
@@ -53,6 +54,22 @@ def test_a_modulated_training_step_never_waits_for_the_gpu():
         torch.cuda.set_sync_debug_mode(0)
     scales = modulator.statistics()["scales"]  # the one transfer, outside the step
     assert len(scales) == 19 and all(s > 0 for s in scales) and any(s != 1.0 for s in scales)
+
+
+def test_signal_propagation_on_the_gpu_equals_the_cpu_float64_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    reference = create("plain20", init="msra").double()  # BN and random weights: errors grow downwards
+    on_gpu = copy.deepcopy(reference).to(CUDA)
+    before = {k: v.clone() for k, v in on_gpu.state_dict().items()}
+    x, y = _batch(16, torch.float64)
+    cpu = signal_propagation(reference, x, y)
+    gpu = signal_propagation(on_gpu, x.to(CUDA), y.to(CUDA))
+    assert gpu["names"] == cpu["names"] and len(cpu["names"]) == 19
+    assert gpu["forward"] == pytest.approx(cpu["forward"], rel=1e-10)
+    assert gpu["errors"] == pytest.approx(cpu["errors"], rel=1e-10)
+    assert cpu["errors_first_over_last"] > 1.0  # not a vacuous comparison: errors differ across layers
+    assert all(torch.equal(v, before[k]) for k, v in on_gpu.state_dict().items())
+    assert all(p.grad is None for p in on_gpu.parameters())
 
 
 @pytest.mark.parametrize("rule, tau", [("consecutive", 1.0), ("consecutive", 1.3), ("top", 1.3)])
