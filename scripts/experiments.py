@@ -14,7 +14,8 @@ checkpoint exists, so the queue can be stopped and restarted at any time. Checkp
 runs/paper/, which is not committed; `park` (at the end of a session) copies the checkpoint of
 each unfinished run into its collected copy, which is, so that `run` on a fresh machine rebuilds the
 run folder from there and resumes instead of starting over (a 64k-step run outlives any one
-machine). `collect` drops the parked checkpoint of a run once it has finished. The runs use the
+machine). `collect` drops the parked checkpoint of a run once it has finished, `park` also that of
+a run the queue skips under the ranking as it is. The runs use the
 orthomod of the Python that runs this script: run it from a separate (non-editable) install to
 keep a long queue independent of edits to the working tree, with the TAT extra
 (`pip install "<exported tree>[tat]"`): without it the TAT rows stop the queue with a one-line error.
@@ -445,7 +446,10 @@ def collect(park: bool = False) -> None:
 
     The checkpoint is copied (atomically) before the records, so the records are as new as it or
     newer; those written after it are dropped again when the run resumes. A parked checkpoint of a
-    run that has since finished is removed.
+    run that has since finished is removed, and so is one of a run the queue no longer starts (its
+    condition fails with the ranking as it is: `run` skips it), so that the repository does not
+    carry checkpoints (14 MB for plain-110) that nothing resumes; should the ranking pick that run
+    again, it starts over, and its collected records of the partial run remain.
     """
     for name in EXPERIMENTS:
         source = RUNS / name
@@ -454,10 +458,13 @@ def collect(park: bool = False) -> None:
         target = COLLECTED / name
         target.mkdir(parents=True, exist_ok=True)
         finished = _status(name) in FINISHED
-        parked = park and not finished and (source / "checkpoint.pt").exists()
+        abandoned = park and not finished and not _runs_now(name)
+        parked = park and not finished and not abandoned and (source / "checkpoint.pt").exists()
         if parked:
             copy_file(source / "checkpoint.pt", target / "checkpoint.pt")
-        elif finished:
+        elif finished or abandoned:
+            if abandoned and (target / "checkpoint.pt").exists():
+                print(f"{name}: not parked, the queue skips it now; its parked checkpoint is removed")
             (target / "checkpoint.pt").unlink(missing_ok=True)
         for file in RUN_FILES:
             if (source / file).exists():

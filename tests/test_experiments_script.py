@@ -339,6 +339,15 @@ def test_park_keeps_an_unfinished_runs_checkpoint_and_run_resumes_from_it(experi
     assert (runs / "a-s0" / "checkpoint.pt").read_bytes() == b"a-s0"
     assert (runs / "a-s0" / "metrics.jsonl").read_text() == (collected / "a-s0" / "metrics.jsonl").read_text()
 
+    # a run the queue skips under the ranking as it is: not parked, its parked checkpoint removed
+    monkeypatch.setattr(experiments, "CONDITIONS", {"a-s0": lambda runs: False})
+    experiments.collect(park=True)
+    assert not (collected / "a-s0" / "checkpoint.pt").exists()
+    assert (collected / "a-s0" / "metrics.jsonl").exists()  # its records of the partial run stay
+    monkeypatch.setattr(experiments, "CONDITIONS", {"a-s0": lambda runs: True})
+    experiments.collect(park=True)
+    assert (collected / "a-s0" / "checkpoint.pt").read_bytes() == b"a-s0"
+
     # once the run has finished, collecting drops its parked checkpoint (and parks nothing)
     (runs / "a-s0" / "summary.json").write_text(json.dumps({"status": "completed", "step": 9}))
     experiments.collect(park=True)
