@@ -42,7 +42,11 @@ def test_invalid_inputs_give_one_line_errors(tmp_path, capsys, monkeypatch):
     bad_type.write_text('batch_size = "large"\n')
     assert "batch_size = 'large' has the wrong type; expected int" in _error(capsys, *base, "--config", str(bad_type))
     assert "neither a file nor a preset" in _error(capsys, *base, "--config", "no-such-preset")
-    assert "exactly one of epochs or iterations" in _error(capsys, "train", "--out", str(tmp_path))
+    assert "no training length: give --epochs N or --iterations N, or a --config" in _error(
+        capsys, "train", "--out", str(tmp_path))
+    both = tmp_path / "both.toml"
+    both.write_text("epochs = 2\niterations = 10\n")
+    assert "give one of epochs or iterations, not both" in _error(capsys, "train", "--config", str(both))
     assert "unrecognized arguments: --depth" in _system_exit_error(capsys, *base, "--depth", "44")
     assert "invalid float value: 'fast'" in _system_exit_error(capsys, *base, "--lr", "fast")
 

@@ -159,8 +159,11 @@ class TrainConfig:
             raise ConfigError(f"l2_beside adds weight decay beside an orthogonality regularizer "
                               f"({', '.join(REGULARIZERS)}); with reg {self.reg} use --reg l2 --reg-coeff for "
                               "weight decay")
-        if (self.epochs is None) == (self.iterations is None):
-            raise ConfigError("give exactly one of epochs or iterations (--epochs N or --iterations N)")
+        if self.epochs is None and self.iterations is None:
+            raise ConfigError("no training length: give --epochs N or --iterations N, or a --config that sets one "
+                              "('orthomod presets' lists them; --config demo for a first run)")
+        if self.epochs is not None and self.iterations is not None:
+            raise ConfigError("give one of epochs or iterations, not both (--epochs N or --iterations N)")
         positive = {"batch_size": self.batch_size, "log_every": self.log_every, "eval_batch_size": self.eval_batch_size,
                     "checkpoint_every": self.checkpoint_every, "epochs": self.epochs, "iterations": self.iterations,
                     "shapes_train": self.shapes_train, "shapes_test": self.shapes_test,
