@@ -62,6 +62,9 @@ def test_resume_and_eval_errors(tmp_path, capsys):
     assert f"checkpoint {run / 'checkpoint.pt'} is corrupt" in err
     assert "corrupt" in _error(capsys, "eval", str(run))
     assert "shapes dataset is generated" in _error(capsys, "eval", str(run), "--data", str(tmp_path))
+    (run / "checkpoint.pt").unlink()  # a collected copy: the records without the weights
+    assert f"no checkpoint at {run / 'checkpoint.pt'}; the run has not written one yet, or this folder holds " \
+        "its records without its weights" in _error(capsys, "eval", str(run))
 
 
 def test_flags_override_config_and_eval_reproduces_summary(tmp_path, capsys):

@@ -235,7 +235,8 @@ def _eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     path = run_dir / ("checkpoint.pt" if args.checkpoint == "last" else "best.pt")
     missing = ("best.pt is written at the run's first evaluation (every epoch end); use --checkpoint last"
-               if args.checkpoint == "best" else "the run has not written one yet")
+               if args.checkpoint == "best" else "the run has not written one yet, or this folder holds its records "
+               "without its weights (as the collected runs in docs/results/runs do)")
     state = RunFolder(run_dir).load_checkpoint(path.name, map_location=device, missing=missing)
     _, test, classes = make_loaders(config, device)
     model = build_model(config, len(classes)).to(device)
