@@ -28,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+from datetime import datetime
 from itertools import combinations
 from statistics import fmean, stdev
 from pathlib import Path
@@ -524,6 +525,48 @@ def _all_runs(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
+# Issue 18: the paper's test accuracy (%) for each full-protocol preset (docs/METHOD-NOTES.md; the
+# paper gives none for msra + L2 alone, the baseline its 3-4 points are measured against)
+FULL_PROTOCOL_PAPER = {"plain44-ortho": "88.42", "plain44-l2": "-", "plain110-ortho-mod": "81.6",
+                       "plain110-ortho-mod-always": "73.5"}
+
+
+def _last_session_rate(summary: dict) -> float | None:
+    """Steps per second of a run's last process: the steps since it started over the time from its
+    start to the summary's last write (pauses included); None if the summary does not say."""
+    sessions = summary.get("sessions") or []
+    if not sessions or "started" not in sessions[-1] or "updated" not in summary:
+        return None
+    seconds = (datetime.fromisoformat(summary["updated"]) - datetime.fromisoformat(sessions[-1]["started"])).total_seconds()
+    steps = summary["step"] - sessions[-1].get("from_step", 0)
+    return steps / seconds if seconds > 0 and steps > 0 else None
+
+
+def _full_protocol_table(runs: dict[str, dict]) -> list[str]:
+    """Issue 18's runs in queue order: steps, test accuracy so far against the paper's, and the
+    hours left at the rate of the run's last process."""
+    lines = ["| run | paper (%) | steps | final test acc (%) | best test acc (%) | at step | "
+             "hours left at its last session's rate | command |", "|---|---|---|---|---|---|---|---|"]
+    for name, flags in EXPERIMENTS.items():
+        if not name.startswith("f-"):
+            continue
+        paper = FULL_PROTOCOL_PAPER[flags[flags.index("--config") + 1]]
+        command = f"`orthomod train {' '.join([*flags, *BASE])}`"
+        if name not in runs:
+            lines.append(f"| {name} | {paper} | queued | - | - | - | - | {command} |")
+            continue
+        s = runs[name]["summary"]
+        rate = _last_session_rate(s)
+        if s["status"] in FINISHED:
+            steps, left = (s["status"] if s["status"] == "completed" else f"diverged at step {s['diverged_at_step']}"), "-"
+        else:
+            steps = f"{s['step']:,} of {s['total_steps']:,}"
+            left = "-" if rate is None else f"{(s['total_steps'] - s['step']) / rate / 3600:.1f}"
+        lines.append(f"| {name} | {paper} | {steps} | {_cell(s['final_test_acc'], True)} | "
+                     f"{_cell(s['best_test_acc'], True)} | {s['best_step']:,} | {left} | {command} |")
+    return lines
+
+
 def table_blocks(runs: dict[str, dict]) -> dict[str, list[str]]:
     """Every generated table of docs/RESULTS.md by the name of its marker, in the order printed."""
     return {"all-runs": _all_runs(runs),
@@ -539,12 +582,14 @@ def table_blocks(runs: dict[str, dict]) -> dict[str, list[str]]:
             "probes": _probe_table(runs),
             "propagation": _propagation_table(runs),
             "propagation-depth": _propagation_depth_table(runs),
-            "recipes": _recipes_table(runs)}
+            "recipes": _recipes_table(runs),
+            "full-protocol": _full_protocol_table(runs)}
 
 
 # docs/RESULTS.md holds each table of table_blocks between these two lines, a blank line on each side
+# (a new pair may hold nothing yet: `tables --write` fills it)
 BEGIN, END = "<!-- generated table: {} (scripts/experiments.py tables) -->", "<!-- end of generated table -->"
-_BLOCK = re.compile(re.escape(BEGIN).replace(re.escape("{}"), r"([\w-]+)") + r"\n\n.*?\n\n" + re.escape(END), re.S)
+_BLOCK = re.compile(re.escape(BEGIN).replace(re.escape("{}"), r"([\w-]+)") + r"\n\n(?:.*?\n\n)??" + re.escape(END), re.S)
 
 
 def filled(text: str, blocks: dict[str, list[str]]) -> str:

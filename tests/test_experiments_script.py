@@ -53,6 +53,9 @@ def test_filled_replaces_each_marked_table_and_names_what_does_not_match(experim
     assert new == (f"# R\n\n{begin.format('a')}\n\n| new |\n|---|\n| 1 |\n\n{end}\n\nprose | kept\n\n"
                    f"{begin.format('b-2')}\n\n| y |\n\n{end}\n")
     assert experiments.filled(new, {"a": ["| new |", "|---|", "| 1 |"], "b-2": ["| y |"]}) == new
+    empty = f"{begin.format('a')}\n\n{end}\n\n{begin.format('b-2')}\n\n| x |\n\n{end}\n"  # a new pair
+    assert experiments.filled(empty, {"a": ["| t |"], "b-2": ["| y |"]}) == (
+        f"{begin.format('a')}\n\n| t |\n\n{end}\n\n{begin.format('b-2')}\n\n| y |\n\n{end}\n")
     with pytest.raises(ValueError, match="markers without a table: b-2; tables without markers: c"):
         experiments.filled(text, {"a": ["| t |"], "c": ["| t |"]})
 
@@ -62,7 +65,7 @@ def test_results_md_holds_the_tables_of_the_committed_runs(experiments):
     `collect`, `tables --write` must follow (this fails until it does)."""
     text, runs = experiments.RESULTS.read_text(), experiments._collected()
     blocks = experiments.table_blocks(runs)
-    assert len(blocks) == 14 and experiments.filled(text, blocks) == text
+    assert len(blocks) == 15 and experiments.filled(text, blocks) == text
     best = experiments.best_row(experiments.RECIPES["plain44-best"], runs)
     recipe = next(line for line in text.splitlines() if line.startswith("| `plain44-best` |"))
     assert recipe.split(" | ")[2] == best[0]
@@ -299,6 +302,24 @@ def test_the_queue_follows_the_ranking_for_depth_and_longer_runs(experiments, mo
     assert experiments.best_row(experiments.RECIPES["plain110-best"], plain110)[0] == "dp-plain110-srip"
     del plain110["dp-plain110-srip-s2"]  # two seeds do not decide a recipe
     assert experiments.best_row(experiments.RECIPES["plain110-best"], plain110)[0] == "e4-plain110-ortho-mod-always"
+
+
+def test_full_protocol_table_gives_progress_against_the_paper_and_hours_left(experiments):
+    runs = {"f-plain44-ortho-s0": {"summary": {  # 10,000 steps in its last 2 hours: 24,000 left take 4.8
+        "status": "interrupted", "step": 40000, "total_steps": 64000, "final_test_acc": 0.8, "best_test_acc": 0.8328,
+        "best_step": 34710, "updated": "2026-11-27T12:00:00",
+        "sessions": [{"from_step": 0, "started": "2026-11-26T00:00:00"},
+                     {"from_step": 30000, "started": "2026-11-27T10:00:00"}]}},
+        "f-plain44-l2-s0": {"summary": {"status": "completed", "step": 64000, "total_steps": 64000,
+                                        "final_test_acc": 0.9, "best_test_acc": 0.91, "best_step": 60000}}}
+    lines = experiments._full_protocol_table(runs)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:7] for line in lines[2:]}
+    assert rows["f-plain44-ortho-s0"] == ["88.42", "40,000 of 64,000", "80.00", "83.28", "34,710", "4.8"]
+    assert rows["f-plain44-l2-s0"] == ["-", "completed", "90.00", "91.00", "60,000", "-"]
+    assert rows["f-plain110-ortho-mod-s0"] == ["81.6", "queued", "-", "-", "-", "-"]
+    assert rows["f-plain110-ortho-mod-always-s0"][0] == "73.5"
+    assert lines[2].endswith("`orthomod train --config plain44-ortho --seed 0 --no-progress --log-every 50 "
+                             "--diagnostics-every 100` |")
 
 
 def test_list_shows_an_unfinished_runs_step_and_a_finished_runs_status(experiments, monkeypatch):
