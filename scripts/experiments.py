@@ -567,6 +567,47 @@ def _full_protocol_table(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _x4_table(runs: dict[str, dict]) -> list[str]:
+    """Issue 15, item 3: plain-44 at 4x the leaderboard's budget (40 epochs) against the same
+    method at 10 epochs: the paper's method, the best method (and any other with a 40-epoch run) and
+    resnet-44; per seed the final accuracy or the run's progress, the mean once every seed completed,
+    and the gap to resnet-44 at each budget."""
+    keys = ["ortho-mod", *top_methods(runs, 1)]
+    keys += [key for key in METHOD_FLAGS if key not in keys and _seeds(f"x4-plain44-{key}", runs)]
+    rows = {METHOD_LABELS[key]: (DEPTH_RUNS[key][44], f"x4-plain44-{key}") for key in keys}
+    rows[RESNET_LABEL] = (RESNET_DEPTH_RUNS[44], "x4-resnet44-l2")
+
+    def mean(base: str) -> tuple[str, float | None]:
+        seeds = _seeds(base, runs)
+        accs = _accuracies(seeds)
+        if not accs or len(accs) != len(seeds):
+            return "-", None
+        spread = f" ± {100 * stdev(accs):.2f}" if len(accs) > 1 else ""
+        return f"{100 * fmean(accs):.2f}{spread} ({len(accs)} seed{'s' if len(accs) > 1 else ''})", fmean(accs)
+
+    def progress(name: str) -> str:
+        if name not in runs:
+            return "queued"
+        s = runs[name]["summary"]
+        if s["status"] in UNFINISHED:
+            return f"{s['status']}: step {s['step']:,} of {s['total_steps']:,}, {_cell(s['final_test_acc'], True)} so far"
+        return _result(runs[name])
+
+    seeds = sorted({_base_seed(n) for n in EXPERIMENTS if n.startswith("x4-resnet44-l2-s")})
+    (_, ref10), (_, ref40) = mean(RESNET_DEPTH_RUNS[44]), mean("x4-resnet44-l2")
+    lines = ["| method | 10 epochs: final test acc (%) | gap to resnet-44 | 40 epochs: "
+             + " | ".join(f"seed {seed}" for seed in seeds) + " | 40 epochs: mean (%) | gap to resnet-44 | command (seed 0) |",
+             "|---" * (6 + len(seeds)) + "|"]
+    for label, (base10, base40) in rows.items():
+        (cell10, acc10), (cell40, acc40) = mean(base10), mean(base40)
+        gap10 = f"{100 * (acc10 - ref10):+.2f}" if acc10 is not None and ref10 is not None else "-"
+        gap40 = f"{100 * (acc40 - ref40):+.2f}" if acc40 is not None and ref40 is not None else "-"
+        per_seed = " | ".join(progress(f"{base40}-s{seed}") for seed in seeds)
+        command = f"`orthomod train {' '.join([*EXPERIMENTS[base40 + '-s0'], *BASE])}`"
+        lines.append(f"| {label} | {cell10} | {gap10} | {per_seed} | {cell40} | {gap40} | {command} |")
+    return lines
+
+
 def table_blocks(runs: dict[str, dict]) -> dict[str, list[str]]:
     """Every generated table of docs/RESULTS.md by the name of its marker, in the order printed."""
     return {"all-runs": _all_runs(runs),
@@ -583,6 +624,7 @@ def table_blocks(runs: dict[str, dict]) -> dict[str, list[str]]:
             "propagation": _propagation_table(runs),
             "propagation-depth": _propagation_depth_table(runs),
             "recipes": _recipes_table(runs),
+            "x4": _x4_table(runs),
             "full-protocol": _full_protocol_table(runs)}
 
 
@@ -641,6 +683,11 @@ def _result(run: dict | None) -> str:
 def _base(name: str) -> str:
     """The run name without its seed: ``e1-plain44-l2-s3`` -> ``e1-plain44-l2``."""
     return name.rsplit("-s", 1)[0]
+
+
+def _base_seed(name: str) -> str:
+    """The seed in a run's name: ``e1-plain44-l2-s3`` -> ``3``."""
+    return name.rsplit("-s", 1)[1]
 
 
 def _seeds(base: str, runs: dict[str, dict]) -> list[dict]:

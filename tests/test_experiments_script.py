@@ -65,7 +65,7 @@ def test_results_md_holds_the_tables_of_the_committed_runs(experiments):
     `collect`, `tables --write` must follow (this fails until it does)."""
     text, runs = experiments.RESULTS.read_text(), experiments._collected()
     blocks = experiments.table_blocks(runs)
-    assert len(blocks) == 15 and experiments.filled(text, blocks) == text
+    assert len(blocks) == 16 and experiments.filled(text, blocks) == text
     best = experiments.best_row(experiments.RECIPES["plain44-best"], runs)
     recipe = next(line for line in text.splitlines() if line.startswith("| `plain44-best` |"))
     assert recipe.split(" | ")[2] == best[0]
@@ -302,6 +302,32 @@ def test_the_queue_follows_the_ranking_for_depth_and_longer_runs(experiments, mo
     assert experiments.best_row(experiments.RECIPES["plain110-best"], plain110)[0] == "dp-plain110-srip"
     del plain110["dp-plain110-srip-s2"]  # two seeds do not decide a recipe
     assert experiments.best_row(experiments.RECIPES["plain110-best"], plain110)[0] == "e4-plain110-ortho-mod-always"
+
+
+def test_x4_table_puts_each_method_at_40_epochs_beside_its_10_epoch_row(experiments):
+    def done(acc):
+        return {"summary": {"status": "completed", "final_test_acc": acc, "step": 9, "total_steps": 9}}
+
+    runs = {**{f"e2-plain44-ortho-mod-s{i}": done(a) for i, a in enumerate((0.66, 0.67, 0.68))},
+            **{f"lb-plain44-isonet-s{i}": done(a) for i, a in enumerate((0.75, 0.76, 0.77))},  # the best row
+            **{f"e2-resnet44-l2-s{i}": done(a) for i, a in enumerate((0.81, 0.83))},
+            "x4-plain44-ortho-mod-s0": done(0.80),
+            "x4-plain44-ortho-mod-s1": {"summary": {"status": "interrupted", "final_test_acc": 0.5, "step": 1200,
+                                                    "total_steps": 15600}},
+            "x4-plain44-isonet-s0": done(0.85), "x4-plain44-isonet-s1": done(0.87),
+            "x4-resnet44-l2-s0": done(0.90), "x4-resnet44-l2-s1": done(0.92)}
+    lines = experiments._x4_table(runs)
+    assert lines[0].count(" | ") == 7 and "seed 0 | seed 1" in lines[0]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:7] for line in lines[2:]}
+    assert list(rows) == ["the paper: orthonormality + modulation (tau 1)", "ISONet without BN, lr 0.01",
+                          "residual, msra + L2"]
+    assert rows["the paper: orthonormality + modulation (tau 1)"] == [
+        "67.00 ± 1.00 (3 seeds)", "-15.00", "80.00", "interrupted: step 1,200 of 15,600, 50.00 so far", "-", "-"]
+    assert rows["ISONet without BN, lr 0.01"] == ["76.00 ± 1.00 (3 seeds)", "-6.00", "85.00", "87.00",
+                                                  "86.00 ± 1.41 (2 seeds)", "-5.00"]
+    assert rows["residual, msra + L2"][4:] == ["91.00 ± 1.41 (2 seeds)", "+0.00"]
+    del runs["x4-plain44-isonet-s1"]
+    assert experiments._x4_table(runs)[3].split(" | ")[4] == "queued"
 
 
 def test_full_protocol_table_gives_progress_against_the_paper_and_hours_left(experiments):
