@@ -567,6 +567,49 @@ def _full_protocol_table(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _fit_table(runs: dict[str, dict]) -> list[str]:
+    """The leaderboard's rows (the residual net included) by final training loss: the loss and
+    accuracy of the last logging window of training (augmented batches, BN in training mode) beside
+    the final test accuracy, means over the completed seeds; does a row lose on fitting or on
+    generalizing?"""
+    rows = []
+    for base, label in {**LEADERBOARD_ROWS, LEADERBOARD_REFERENCE: RESNET_LABEL}.items():
+        done = [r["summary"] for r in _seeds(base, runs) if r["summary"]["status"] == "completed"]
+        if done:
+            rows.append((fmean(s["final_train_loss"] for s in done), fmean(s["final_train_acc"] for s in done),
+                         fmean(s["final_test_acc"] for s in done), label, len(done)))
+    lines = ["| method | seeds | final training loss | training acc (%) | test acc (%) | training - test (points) |",
+             "|---|---|---|---|---|---|"]
+    for loss, train, test, label, n in sorted(rows):
+        lines.append(f"| {label} | {n} | {loss:.3f} | {100 * train:.2f} | {100 * test:.2f} | {100 * (train - test):+.2f} |")
+    if len(rows) > 2:
+        rho = _spearman([row[0] for row in rows], [row[2] for row in rows])
+        lines += ["", f"(Spearman rank correlation of final training loss and test accuracy over these {len(rows)} "
+                      f"rows: {rho:.3f}.)"]
+    return lines
+
+
+def _spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the ranks (ties get their mean rank)."""
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in order[i:j + 1]:
+                out[k] = (i + j) / 2
+            i = j + 1
+        return out
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = fmean(rx), fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    return cov / (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+
+
 def _x4_table(runs: dict[str, dict]) -> list[str]:
     """Issue 15, item 3: plain-44 at 4x the leaderboard's budget (40 epochs) against the same
     method at 10 epochs: the paper's method, the best method (and any other with a 40-epoch run) and
@@ -624,6 +667,7 @@ def table_blocks(runs: dict[str, dict]) -> dict[str, list[str]]:
             "propagation": _propagation_table(runs),
             "propagation-depth": _propagation_depth_table(runs),
             "recipes": _recipes_table(runs),
+            "fit": _fit_table(runs),
             "x4": _x4_table(runs),
             "full-protocol": _full_protocol_table(runs)}
 

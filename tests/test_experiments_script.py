@@ -65,7 +65,7 @@ def test_results_md_holds_the_tables_of_the_committed_runs(experiments):
     `collect`, `tables --write` must follow (this fails until it does)."""
     text, runs = experiments.RESULTS.read_text(), experiments._collected()
     blocks = experiments.table_blocks(runs)
-    assert len(blocks) == 16 and experiments.filled(text, blocks) == text
+    assert len(blocks) == 17 and experiments.filled(text, blocks) == text
     best = experiments.best_row(experiments.RECIPES["plain44-best"], runs)
     recipe = next(line for line in text.splitlines() if line.startswith("| `plain44-best` |"))
     assert recipe.split(" | ")[2] == best[0]
@@ -302,6 +302,30 @@ def test_the_queue_follows_the_ranking_for_depth_and_longer_runs(experiments, mo
     assert experiments.best_row(experiments.RECIPES["plain110-best"], plain110)[0] == "dp-plain110-srip"
     del plain110["dp-plain110-srip-s2"]  # two seeds do not decide a recipe
     assert experiments.best_row(experiments.RECIPES["plain110-best"], plain110)[0] == "e4-plain110-ortho-mod-always"
+
+
+def test_spearman_is_the_correlation_of_ranks_with_ties_sharing_their_mean_rank(experiments):
+    assert experiments._spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
+    assert experiments._spearman([1, 2, 3], [9, 5, 1]) == pytest.approx(-1.0)
+    # ties: ranks (0, 1.5, 1.5, 3) against (0, 1, 2, 3): covariance 4.5, variances 4.5 and 5
+    assert experiments._spearman([1, 2, 2, 5], [1, 2, 3, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+
+
+def test_fit_table_orders_rows_by_training_loss_with_the_train_test_gap(experiments):
+    def done(loss, train, test):
+        return {"summary": {"status": "completed", "final_train_loss": loss, "final_train_acc": train,
+                            "final_test_acc": test}}
+
+    runs = {"e1-plain44-l2-s0": done(1.1, 0.60, 0.58), "e1-plain44-l2-s1": done(1.0, 0.62, 0.60),
+            "e2-resnet44-l2-s0": done(0.4, 0.86, 0.82),
+            "lb-plain44-isonet-s0": done(0.6, 0.79, 0.76),
+            "lb-plain44-srip-s0": {"summary": {"status": "interrupted"}}}  # not completed: left out
+    lines = experiments._fit_table(runs)
+    assert lines[2:5] == ["| residual, msra + L2 | 1 | 0.400 | 86.00 | 82.00 | +4.00 |",
+                          "| ISONet without BN, lr 0.01 | 1 | 0.600 | 79.00 | 76.00 | +3.00 |",
+                          "| msra + L2 (baseline, experiment 1) | 2 | 1.050 | 61.00 | 59.00 | +2.00 |"]
+    assert lines[5:] == ["", "(Spearman rank correlation of final training loss and test accuracy over these 3 "
+                             "rows: -1.000.)"]
 
 
 def test_x4_table_puts_each_method_at_40_epochs_beside_its_10_epoch_row(experiments):
