@@ -562,8 +562,9 @@ def _full_protocol_table(runs: dict[str, dict]) -> list[str]:
         else:
             steps = f"{s['step']:,} of {s['total_steps']:,}"
             left = "-" if rate is None else f"{(s['total_steps'] - s['step']) / rate / 3600:.1f}"
+        best_step = "-" if s.get("best_step") is None else f"{s['best_step']:,}"  # none before the first evaluation
         lines.append(f"| {name} | {paper} | {steps} | {_cell(s['final_test_acc'], True)} | "
-                     f"{_cell(s['best_test_acc'], True)} | {s['best_step']:,} | {left} | {command} |")
+                     f"{_cell(s['best_test_acc'], True)} | {best_step} | {left} | {command} |")
     return lines
 
 

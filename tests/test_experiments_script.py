@@ -367,6 +367,10 @@ def test_full_protocol_table_gives_progress_against_the_paper_and_hours_left(exp
     assert rows["f-plain44-ortho-s0"] == ["88.42", "40,000 of 64,000", "80.00", "83.28", "34,710", "4.8"]
     assert rows["f-plain44-l2-s0"] == ["-", "completed", "90.00", "91.00", "60,000", "-"]
     assert rows["f-plain110-ortho-mod-s0"] == ["81.6", "queued", "-", "-", "-", "-"]
+    # before its first evaluation, one hour into its first process: 300 steps, 63,700 left at 300 an hour
+    runs["f-plain44-ortho-s0"]["summary"].update(step=300, final_test_acc=None, best_test_acc=None, best_step=None,
+                                                 sessions=[{"from_step": 0, "started": "2026-11-27T11:00:00"}])
+    assert experiments._full_protocol_table(runs)[2].split(" | ")[2:7] == ["300 of 64,000", "-", "-", "-", "212.3"]
     assert rows["f-plain110-ortho-mod-always-s0"][0] == "73.5"
     assert lines[2].endswith("`orthomod train --config plain44-ortho --seed 0 --no-progress --log-every 50 "
                              "--diagnostics-every 100` |")
