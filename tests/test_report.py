@@ -87,6 +87,44 @@ def test_analyze_propagation_prints_a_line_per_conv_layer(capsys, tmp_path):
     assert "only the CIFAR plain nets" in capsys.readouterr().err
 
 
+def test_analyze_propagation_of_a_run_measures_its_checkpoint_on_its_first_batch(runs, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    from orthomod.cli import train_config
+    from orthomod.train import initial_model
+
+    run = tmp_path / "l2"
+    shutil.copytree(runs / "l2", run)
+    flags = ["--model", "plain8", "--dataset", "shapes", "--shapes-train", "1000", "--shapes-test", "200",
+             "--batch-size", "50", "--iterations", "40"]  # the run's config (tiny_config, 40 iterations)
+    assert main(["analyze", "propagation", *flags, "--json"]) == 0
+    start = json.loads(capsys.readouterr().out)
+    assert main(["analyze", "propagation", "--run", str(run), "--json"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["step"] == 40 and trained["checkpoint"] == "checkpoint.pt" and start["step"] == 0
+    assert trained["names"] == start["names"] and trained["errors"] != start["errors"]
+    # the step-0 weights written into the checkpoint: exactly the step-0 measurement, so the batch
+    # and the measurement are the start's and only the weights come from the checkpoint
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["model"] = initial_model(train_config(flags))[0].state_dict()
+    torch.save(state, run / "checkpoint.pt")
+    assert main(["analyze", "propagation", "--run", str(run), "--json"]) == 0
+    rewound = json.loads(capsys.readouterr().out)
+    assert rewound["forward"] == start["forward"] and rewound["errors"] == start["errors"]
+    assert main(["analyze", "propagation", "--run", str(run)]) == 0
+    assert "step 40 (checkpoint.pt of " in capsys.readouterr().out.splitlines()[0]
+    # refused: config flags beside --run, a folder that is not a run, weights that are not there
+    assert main(["analyze", "propagation", "--run", str(run), "--lr", "0.5"]) == 2
+    assert "--run measures a run with its saved config; drop --lr" in capsys.readouterr().err
+    assert main(["analyze", "propagation", "--run", str(tmp_path)]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+    (run / "best.pt").unlink()
+    assert main(["analyze", "propagation", "--run", str(run), "--checkpoint", "best"]) == 2
+    assert "best.pt is written at the run's first evaluation" in capsys.readouterr().err
+
+
 def test_line_styles_stay_distinct_past_ten_runs():
     from orthomod.report import _style
 

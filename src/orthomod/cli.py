@@ -122,12 +122,17 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--seed", type=int, default=0)
     bn.add_argument("--out", help="folder for bn_jacobian.png (default: print only)")
     propagation = what.add_parser(
-        "propagation", help="per layer at step 0: the signal's second moment up, the errors' down",
+        "propagation", help="per layer at step 0 (or a run's checkpoint): the signal's second moment up, the errors' down",
         description="The model and first training batch that `orthomod train` with the same flags starts from: "
                     "one forward and backward pass in fp32 on the CPU, per conv layer the second moment of its "
                     "output and of the loss's gradient at that output (q, as in Figs. 3-4). Takes train's flags; "
-                    "those that build the model, its data and its init matter.")
+                    "those that build the model, its data and its init matter. With --run, the same on that run's "
+                    "first training batch with the weights of its checkpoint: the trained net against its start.")
     _add_config_arguments(propagation)
+    propagation.add_argument("--run", metavar="RUN_DIR", help="measure this run's checkpoint instead of step 0 "
+                                                             "(its saved config: give no other config flags)")
+    propagation.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                             help="with --run: its last checkpoint or the best evaluation's weights")
     propagation.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
     propagation.add_argument("--figure", metavar="FOLDER", help="also draw FOLDER/propagation.png (train's --out "
                                                                 "names its run folder, unused here)")
@@ -172,10 +177,7 @@ def _train_in(args: argparse.Namespace, world) -> int:
 
     overrides = _overrides(args)
     if args.resume:
-        if args.config or overrides:
-            given = ["--config"] if args.config else []
-            given += [flag for flag, (key, _, _) in _TRAIN_FLAGS.items() if key in overrides]
-            raise ConfigError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+        _saved_config_only(args, overrides, "--resume continues a run with its saved config")
         run_dir = Path(args.resume)
         config = _run_config(run_dir)
         trainer = Trainer(config, run_dir=run_dir, resume=True, progress=not args.no_progress, world=world)
@@ -193,6 +195,14 @@ def _train_in(args: argparse.Namespace, world) -> int:
 def _overrides(args: argparse.Namespace) -> dict:
     """The config keys the command line gave, with their values."""
     return {key: getattr(args, key) for _, (key, _, _) in _TRAIN_FLAGS.items() if hasattr(args, key)}
+
+
+def _saved_config_only(args: argparse.Namespace, overrides: dict, why: str) -> None:
+    """Refuse --config and config flags where a run folder's saved config applies."""
+    if args.config or overrides:
+        given = ["--config"] if args.config else []
+        given += [flag for flag, (key, _, _) in _TRAIN_FLAGS.items() if key in overrides]
+        raise ConfigError(f"{why}; drop {', '.join(given)}")
 
 
 def _new_run_config(args: argparse.Namespace, overrides: dict) -> TrainConfig:
@@ -219,10 +229,29 @@ def _run_config(run_dir: Path) -> TrainConfig:
     return TrainConfig.from_dict(RunFolder(run_dir).config(), source=str(run_dir / "config.json"))
 
 
+def _run_checkpoint(run_dir: Path, which: str, device="cpu") -> tuple[Path, dict]:
+    """A run folder's last checkpoint or best weights (``which``), loaded, or a one-line error."""
+    from .files import RunFolder
+
+    path = run_dir / ("checkpoint.pt" if which == "last" else "best.pt")
+    missing = ("best.pt is written at the run's first evaluation (every epoch end); use --checkpoint last"
+               if which == "best" else "the run has not written one yet, or this folder holds its records "
+               "without its weights (as the collected runs in docs/results/runs do)")
+    return path, RunFolder(run_dir).load_checkpoint(path.name, map_location=device, missing=missing)
+
+
+def _load_weights(model, state: dict, path: Path, config: TrainConfig, run_dir: Path) -> None:
+    """Load a checkpoint's weights into the model its run's config builds, or a one-line error."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ConfigError(f"{path} does not hold the weights of {config.model} that {run_dir / 'config.json'} "
+                          f"names ({str(exc).splitlines()[0]}); restore the run folder's files") from None
+
+
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .files import RunFolder
     from .hardware import choose_precision, resolve_device
     from .data import make_loaders
     from .train import build_model, evaluate
@@ -233,20 +262,12 @@ def _eval(args: argparse.Namespace) -> int:
         config.data = args.data
         config.validate()  # a folder for a dataset that reads one
     device = resolve_device(args.device)
-    path = run_dir / ("checkpoint.pt" if args.checkpoint == "last" else "best.pt")
-    missing = ("best.pt is written at the run's first evaluation (every epoch end); use --checkpoint last"
-               if args.checkpoint == "best" else "the run has not written one yet, or this folder holds its records "
-               "without its weights (as the collected runs in docs/results/runs do)")
-    state = RunFolder(run_dir).load_checkpoint(path.name, map_location=device, missing=missing)
+    path, state = _run_checkpoint(run_dir, args.checkpoint, device)
     _, test, classes = make_loaders(config, device)
     model = build_model(config, len(classes)).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise ConfigError(f"{path} does not hold the weights of {config.model} that {run_dir / 'config.json'} "
-                          f"names ({str(exc).splitlines()[0]}); restore the run folder's files") from None
+    _load_weights(model, state, path, config, run_dir)
     loss, acc = evaluate(model, test, device, choose_precision(config.precision, device))
     print(json.dumps({"run": str(run_dir), "checkpoint": path.name, "step": state["step"],
                       "test_loss": round(loss, 5), "test_acc": acc}))
@@ -278,19 +299,30 @@ def _analyze_propagation(args: argparse.Namespace) -> int:
     from .diagnostics import signal_propagation
     from .train import initial_model
 
-    config = _new_run_config(args, _overrides(args))
-    if config.epochs is None and config.iterations is None:
-        config.iterations = 1  # step 0 does not depend on the budget
+    if args.run:
+        _saved_config_only(args, _overrides(args), "--run measures a run with its saved config")
+        config = _run_config(Path(args.run))
+    else:
+        config = _new_run_config(args, _overrides(args))
+        if config.epochs is None and config.iterations is None:
+            config.iterations = 1  # step 0 does not depend on the budget
     out = _output_folder(args.figure, "--figure") if args.figure else None  # checked before the work, used after it
+    where = {"step": 0}
+    if args.run:  # checked before the data is loaded
+        path, state = _run_checkpoint(Path(args.run), args.checkpoint)
+        where = {"run": args.run, "checkpoint": path.name, "step": state["step"]}
     model, images, labels = initial_model(config.validate())
+    if args.run:
+        _load_weights(model, state, path, config, Path(args.run))
     result = signal_propagation(model, images.float(), labels)
     if args.json:
         print(json.dumps({"model": config.model, "init": config.init, "activation": config.activation,
                           "norm": config.norm, "parametrization": config.parametrization, "seed": config.seed,
-                          "batch": len(labels)} | result))
+                          "batch": len(labels)} | where | result))
     else:
+        at = f"step {where['step']} ({where['checkpoint']} of {args.run})" if args.run else "step 0"
         print(f"{config.model}, init {config.init}, activation {config.activation}, norm {config.norm}, "
-              f"parametrization {config.parametrization}, seed {config.seed}: step 0 on its first training batch "
+              f"parametrization {config.parametrization}, seed {config.seed}: {at} on its first training batch "
               f"({len(labels)} images), fp32, training mode")
         width = max(len("layer"), *map(len, result["names"]))
         top = result["errors"][-1]
@@ -302,7 +334,8 @@ def _analyze_propagation(args: argparse.Namespace) -> int:
     if out is not None:
         from .report import propagation_figure
 
-        figure = propagation_figure({f"{config.model}, init {config.init}": result}, out / "propagation.png")
+        label = f"{config.model}, init {config.init}" + (f", step {where['step']}" if args.run else "")
+        figure = propagation_figure({label: result}, out / "propagation.png")
         print(f"wrote {figure}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
