@@ -1,6 +1,6 @@
 """The reduced-budget CIFAR-10 experiments of docs/RESULTS.md: run them, resumably, and collect them.
 
-    ORTHOMOD_DATA=DIR python scripts/experiments.py run [--only SUBSTRING[,SUBSTRING...]]   # sequential; resumes
+    ORTHOMOD_DATA=DIR python scripts/experiments.py run [--only SUBSTRING[,SUBSTRING...]]...   # sequential; resumes
     python scripts/experiments.py list
     python scripts/experiments.py collect        # copy the small files of each run to docs/results/runs
     python scripts/experiments.py park           # collect, and keep each unfinished run's checkpoint there too
@@ -1205,17 +1205,21 @@ def _progress(name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("run", "list", "collect", "park", "tables", "figures", "propagation"))
-    parser.add_argument("--only")
+    parser.add_argument("--only", action="append", help="run: runs whose names contain one of these comma-separated "
+                        "substrings; repeated, one selection after the other (each in the queue's order); "
+                        "figures: a group")
     parser.add_argument("--write", action="store_true", help="tables: write them into docs/RESULTS.md")
     args = parser.parse_args()
     if args.action == "run":
-        run(args.only)
+        for only in args.only or [None]:
+            run(only)
     elif args.action in ("collect", "park"):
         collect(park=args.action == "park")
     elif args.action == "tables":
         tables(args.write)
     elif args.action == "figures":
-        figures(args.only)
+        for only in args.only or [None]:
+            figures(only)
     elif args.action == "propagation":
         propagation()
     else:

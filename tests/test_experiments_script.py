@@ -386,6 +386,21 @@ def test_list_shows_an_unfinished_runs_step_and_a_finished_runs_status(experimen
     assert experiments._progress("x4-resnet44-l2-s0") == "-"
 
 
+def test_run_takes_repeated_only_selections_one_after_the_other(experiments, monkeypatch, tmp_path):
+    monkeypatch.setattr(experiments, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(experiments, "COLLECTED", tmp_path / "collected")
+    monkeypatch.setattr(experiments, "EXPERIMENTS", {name: ["--model", "plain8"] for name in ("a-s0", "b-s0", "b-s1")})
+    started = []
+    monkeypatch.setattr(experiments.subprocess, "call", lambda cmd: started.append(cmd[cmd.index("--name") + 1]) or 0)
+    monkeypatch.setattr(sys, "argv", ["experiments.py", "run", "--only", "b-s1", "--only", "a-,b-s0"])
+    experiments.main()
+    assert started == ["b-s1", "a-s0", "b-s0"]  # the selections in turn, each in the queue's order
+    started.clear()
+    monkeypatch.setattr(sys, "argv", ["experiments.py", "run"])
+    experiments.main()
+    assert started == ["a-s0", "b-s0", "b-s1"]
+
+
 def test_park_keeps_an_unfinished_runs_checkpoint_and_run_resumes_from_it(experiments, monkeypatch, tmp_path):
     """A fresh machine has no runs/: `park` commits what `run` needs to resume there."""
     runs, collected = tmp_path / "runs", tmp_path / "collected"
