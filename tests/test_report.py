@@ -118,6 +118,8 @@ def test_analyze_propagation_of_a_run_measures_its_checkpoint_on_its_first_batch
     # refused: config flags beside --run, a folder that is not a run, weights that are not there
     assert main(["analyze", "propagation", "--run", str(run), "--lr", "0.5"]) == 2
     assert "--run measures a run with its saved config; drop --lr" in capsys.readouterr().err
+    assert main(["analyze", "propagation", "--run", str(run), "--data", str(tmp_path), "--json"]) == 2
+    assert "shapes dataset is generated" in capsys.readouterr().err  # --data is taken, and checked, as eval does
     assert main(["analyze", "propagation", "--run", str(tmp_path)]) == 2
     assert "is not a run folder" in capsys.readouterr().err
     (run / "best.pt").unlink()

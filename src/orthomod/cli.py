@@ -130,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
                     "first training batch with the weights of its checkpoint: the trained net against its start.")
     _add_config_arguments(propagation)
     propagation.add_argument("--run", metavar="RUN_DIR", help="measure this run's checkpoint instead of step 0 "
-                                                             "(its saved config: give no other config flags)")
+                                                             "(its saved config: no other config flag but --data)")
     propagation.add_argument("--checkpoint", choices=("last", "best"), default="last",
                              help="with --run: its last checkpoint or the best evaluation's weights")
     propagation.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
@@ -299,9 +299,12 @@ def _analyze_propagation(args: argparse.Namespace) -> int:
     from .diagnostics import signal_propagation
     from .train import initial_model
 
-    if args.run:
-        _saved_config_only(args, _overrides(args), "--run measures a run with its saved config")
+    if args.run:  # the run's saved config; only its data folder may be given, as to eval, if it moved
+        overrides = _overrides(args)
+        _saved_config_only(args, {k: v for k, v in overrides.items() if k != "data"},
+                           "--run measures a run with its saved config")
         config = _run_config(Path(args.run))
+        config.data = overrides.get("data", config.data)
     else:
         config = _new_run_config(args, _overrides(args))
         if config.epochs is None and config.iterations is None:
