@@ -1192,14 +1192,17 @@ def figures(only: str | None = None) -> None:
 
 
 def _progress(name: str) -> str:
-    """``list``'s status column: a run's status, with its step where it is not finished."""
+    """``list``'s status column: a run's status, with its step where it is not finished and the
+    hours left at the rate of its last process."""
     summary = _summary(name)
     if summary is None:
         return "if deciding" if name in CONDITIONAL_SEEDS else "if chosen" if name in CONDITIONS else "-"
     if summary["status"] in FINISHED or "total_steps" not in summary:
         return summary["status"]
     parked = not (RUNS / name / "checkpoint.pt").exists() and (COLLECTED / name / "checkpoint.pt").exists()
-    return f"{summary['status']} {summary['step']}/{summary['total_steps']}" + (", parked" if parked else "")
+    rate = _last_session_rate(summary)
+    left = f", {(summary['total_steps'] - summary['step']) / rate / 3600:.1f} h left" if rate else ""
+    return f"{summary['status']} {summary['step']}/{summary['total_steps']}" + (", parked" if parked else "") + left
 
 
 def main() -> None:
@@ -1224,7 +1227,7 @@ def main() -> None:
         propagation()
     else:
         for name, flags in EXPERIMENTS.items():
-            print(f"{name:<34} {_progress(name):<24} orthomod train {' '.join(flags)}")
+            print(f"{name:<34} {_progress(name):<40} orthomod train {' '.join(flags)}")
 
 
 if __name__ == "__main__":

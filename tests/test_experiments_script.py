@@ -381,6 +381,8 @@ def test_list_shows_an_unfinished_runs_step_and_a_finished_runs_status(experimen
                  "b-s0": {"status": "completed", "step": 3900, "total_steps": 3900}}
     monkeypatch.setattr(experiments, "_summary", summaries.get)
     assert experiments._progress("a-s0") == "interrupted 27545/64000"
+    summaries["a-s0"] |= {"updated": "2026-11-27T12:00:00", "sessions": [{"from_step": 20345, "started": "2026-11-27T10:00:00"}]}
+    assert experiments._progress("a-s0") == "interrupted 27545/64000, 10.1 h left"  # 3,600 steps an hour, 36,455 left
     assert experiments._progress("b-s0") == "completed"
     assert experiments._progress("lb-plain44-srip-s1") == "if deciding"  # not run: why it may not
     assert experiments._progress("x4-resnet44-l2-s0") == "-"
