@@ -28,7 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
-from datetime import datetime
+from datetime import datetime, timezone
 from itertools import combinations
 from statistics import fmean, stdev
 from pathlib import Path
@@ -442,6 +442,11 @@ RUN_FILES = ("config.json", "summary.json", "metrics.jsonl", "diagnostics.jsonl"
 FINISHED = ("completed", "diverged")  # statuses of a run that `run` skips; any other resumes from a checkpoint
 
 
+def command(name: str) -> str:
+    """The exact `orthomod train` command of experiment ``name``, as the queue starts it (less --out/--name)."""
+    return "orthomod train " + " ".join([*EXPERIMENTS[name], *BASE])
+
+
 def collect(park: bool = False) -> None:
     """Copy each run's small files to its collected copy; with ``park``, an unfinished run's checkpoint too.
 
@@ -470,7 +475,7 @@ def collect(park: bool = False) -> None:
         for file in RUN_FILES:
             if (source / file).exists():
                 shutil.copy2(source / file, target / file)
-        (target / "command.txt").write_text("orthomod train " + " ".join(EXPERIMENTS[name] + BASE) + "\n")
+        (target / "command.txt").write_text(command(name) + "\n")
         print(f"collected and parked {name}" if parked else f"collected {name}")
 
 
@@ -498,6 +503,11 @@ def _collected() -> dict[str, dict]:
                           "probes": probes, "probe": probes[-1] if probes else None,
                           "command": (folder / "command.txt").read_text().strip()}
     return runs
+
+
+def _mean_sd(accs: list[float]) -> str:
+    """Mean accuracy in percent, ± the sample standard deviation where there are several seeds."""
+    return f"{100 * fmean(accs):.2f}" + (f" ± {100 * stdev(accs):.2f}" if len(accs) > 1 else "")
 
 
 def _cell(value, percent=False) -> str:
@@ -531,15 +541,18 @@ FULL_PROTOCOL_PAPER = {"plain44-ortho": "88.42", "plain44-l2": "-", "plain110-or
                        "plain110-ortho-mod-always": "73.5"}
 
 
-def _last_session_rate(summary: dict) -> float | None:
-    """Steps per second of a run's last process: the steps since it started over the time from its
-    start to the summary's last write (pauses included); None if the summary does not say."""
+def _hours_left(summary: dict) -> float | None:
+    """Hours to a run's last step at the rate of its last process: the steps since it started over
+    the time from its start to the summary's last write (pauses included); None if the summary does
+    not say."""
     sessions = summary.get("sessions") or []
     if not sessions or "started" not in sessions[-1] or "updated" not in summary:
         return None
     seconds = (datetime.fromisoformat(summary["updated"]) - datetime.fromisoformat(sessions[-1]["started"])).total_seconds()
     steps = summary["step"] - sessions[-1].get("from_step", 0)
-    return steps / seconds if seconds > 0 and steps > 0 else None
+    if seconds <= 0 or steps <= 0:
+        return None
+    return (summary["total_steps"] - summary["step"]) * seconds / steps / 3600
 
 
 def _full_protocol_table(runs: dict[str, dict]) -> list[str]:
@@ -551,20 +564,18 @@ def _full_protocol_table(runs: dict[str, dict]) -> list[str]:
         if not name.startswith("f-"):
             continue
         paper = FULL_PROTOCOL_PAPER[flags[flags.index("--config") + 1]]
-        command = f"`orthomod train {' '.join([*flags, *BASE])}`"
         if name not in runs:
-            lines.append(f"| {name} | {paper} | queued | - | - | - | - | {command} |")
+            lines.append(f"| {name} | {paper} | queued | - | - | - | - | `{command(name)}` |")
             continue
         s = runs[name]["summary"]
-        rate = _last_session_rate(s)
         if s["status"] in FINISHED:
             steps, left = (s["status"] if s["status"] == "completed" else f"diverged at step {s['diverged_at_step']}"), "-"
         else:
             steps = f"{s['step']:,} of {s['total_steps']:,}"
-            left = "-" if rate is None else f"{(s['total_steps'] - s['step']) / rate / 3600:.1f}"
+            left = "-" if (hours := _hours_left(s)) is None else f"{hours:.1f}"
         best_step = "-" if s.get("best_step") is None else f"{s['best_step']:,}"  # none before the first evaluation
         lines.append(f"| {name} | {paper} | {steps} | {_cell(s['final_test_acc'], True)} | "
-                     f"{_cell(s['best_test_acc'], True)} | {best_step} | {left} | {command} |")
+                     f"{_cell(s['best_test_acc'], True)} | {best_step} | {left} | `{command(name)}` |")
     return lines
 
 
@@ -626,8 +637,7 @@ def _x4_table(runs: dict[str, dict]) -> list[str]:
         accs = _accuracies(seeds)
         if not accs or len(accs) != len(seeds):
             return "-", None
-        spread = f" ± {100 * stdev(accs):.2f}" if len(accs) > 1 else ""
-        return f"{100 * fmean(accs):.2f}{spread} ({len(accs)} seed{'s' if len(accs) > 1 else ''})", fmean(accs)
+        return f"{_mean_sd(accs)} ({len(accs)} seed{'s' if len(accs) > 1 else ''})", fmean(accs)
 
     def progress(name: str) -> str:
         if name not in runs:
@@ -647,8 +657,7 @@ def _x4_table(runs: dict[str, dict]) -> list[str]:
         gap10 = f"{100 * (acc10 - ref10):+.2f}" if acc10 is not None and ref10 is not None else "-"
         gap40 = f"{100 * (acc40 - ref40):+.2f}" if acc40 is not None and ref40 is not None else "-"
         per_seed = " | ".join(progress(f"{base40}-s{seed}") for seed in seeds)
-        command = f"`orthomod train {' '.join([*EXPERIMENTS[base40 + '-s0'], *BASE])}`"
-        lines.append(f"| {label} | {cell10} | {gap10} | {per_seed} | {cell40} | {gap40} | {command} |")
+        lines.append(f"| {label} | {cell10} | {gap10} | {per_seed} | {cell40} | {gap40} | `{command(base40 + '-s0')}` |")
     return lines
 
 
@@ -1022,8 +1031,6 @@ def propagation_flags() -> dict[int, dict[str, list[str]]]:
 def propagation() -> None:
     """Run `orthomod analyze propagation --json` for every method at every depth, write PROPAGATION
     and draw each depth's figure."""
-    import datetime
-
     import torch
     from orthomod.hardware import cpu_model
 
@@ -1031,14 +1038,14 @@ def propagation() -> None:
     for depth, methods in propagation_flags().items():
         rows = depths[str(depth)] = {}
         for key, flags in methods.items():
-            command = [sys.executable, "-m", "orthomod", "analyze", "propagation", *flags, "--json"]
-            done = subprocess.run(command, capture_output=True, text=True)
+            cmd = [sys.executable, "-m", "orthomod", "analyze", "propagation", *flags, "--json"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"experiments.py: {key} at {depth} layers: {done.stderr.strip() or done.stdout.strip()}")
             rows[key] = {"command": f"orthomod analyze propagation {' '.join(flags)}", **json.loads(done.stdout)}
             print(f"{depth:>3} {key:<16} signal last/first {rows[key]['forward_last_over_first']:.3g}, "
                   f"q(first)/q(last) {rows[key]['errors_first_over_last']:.3g}")
-    record = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    record = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "torch": torch.__version__, "depths": depths}
     save_text(PROPAGATION, json.dumps(record, indent=1) + "\n")
@@ -1127,7 +1134,7 @@ def leaderboard(runs: dict[str, dict]) -> list[str]:
         seeds = ended or seeds
         accs = _accuracies(seeds)
         if accs and len(accs) == len(seeds):
-            acc = f"{100 * fmean(accs):.2f}" + (f" ± {100 * stdev(accs):.2f}" if len(accs) > 1 else "")
+            acc = _mean_sd(accs)
         else:
             acc = " / ".join(_result(r) for r in seeds)
         gap = f"{100 * (fmean(accs) - fmean(reference)):+.2f}" if accs and reference else "-"
@@ -1200,8 +1207,7 @@ def _progress(name: str) -> str:
     if summary["status"] in FINISHED or "total_steps" not in summary:
         return summary["status"]
     parked = not (RUNS / name / "checkpoint.pt").exists() and (COLLECTED / name / "checkpoint.pt").exists()
-    rate = _last_session_rate(summary)
-    left = f", {(summary['total_steps'] - summary['step']) / rate / 3600:.1f} h left" if rate else ""
+    left = "" if (hours := _hours_left(summary)) is None else f", {hours:.1f} h left"
     return f"{summary['status']} {summary['step']}/{summary['total_steps']}" + (", parked" if parked else "") + left
 
 
