@@ -299,24 +299,24 @@ def _analyze_propagation(args: argparse.Namespace) -> int:
     from .diagnostics import signal_propagation
     from .train import initial_model
 
-    if args.run:  # the run's saved config; only its data folder may be given, as to eval, if it moved
-        overrides = _overrides(args)
+    overrides = _overrides(args)
+    state, where = None, {"step": 0}
+    if args.run:  # the run's saved config and weights, loaded before the data; only --data may move it, as for eval
+        run_dir = Path(args.run)
         _saved_config_only(args, {k: v for k, v in overrides.items() if k != "data"},
                            "--run measures a run with its saved config")
-        config = _run_config(Path(args.run))
+        config = _run_config(run_dir)
         config.data = overrides.get("data", config.data)
+        path, state = _run_checkpoint(run_dir, args.checkpoint)
+        where = {"run": args.run, "checkpoint": path.name, "step": state["step"]}
     else:
-        config = _new_run_config(args, _overrides(args))
+        config = _new_run_config(args, overrides)
         if config.epochs is None and config.iterations is None:
             config.iterations = 1  # step 0 does not depend on the budget
     out = _output_folder(args.figure, "--figure") if args.figure else None  # checked before the work, used after it
-    where = {"step": 0}
-    if args.run:  # checked before the data is loaded
-        path, state = _run_checkpoint(Path(args.run), args.checkpoint)
-        where = {"run": args.run, "checkpoint": path.name, "step": state["step"]}
     model, images, labels = initial_model(config.validate())
-    if args.run:
-        _load_weights(model, state, path, config, Path(args.run))
+    if state is not None:
+        _load_weights(model, state, path, config, run_dir)
     result = signal_propagation(model, images.float(), labels)
     if args.json:
         print(json.dumps({"model": config.model, "init": config.init, "activation": config.activation,
