@@ -499,7 +499,9 @@ def _collected() -> dict[str, dict]:
             if (folder / "diagnostics.jsonl").exists():
                 probes = [p for p in map(json.loads, (folder / "diagnostics.jsonl").read_text().splitlines())
                           if p.get("kind") == "diagnostics"]
+            config = folder / "config.json"
             runs[name] = {"summary": json.loads((folder / "summary.json").read_text()),
+                          "config": json.loads(config.read_text()) if config.exists() else None,
                           "probes": probes, "probe": probes[-1] if probes else None,
                           "command": (folder / "command.txt").read_text().strip()}
     return runs
@@ -576,6 +578,28 @@ def _full_protocol_table(runs: dict[str, dict]) -> list[str]:
         best_step = "-" if s.get("best_step") is None else f"{s['best_step']:,}"  # none before the first evaluation
         lines.append(f"| {name} | {paper} | {steps} | {_cell(s['final_test_acc'], True)} | "
                      f"{_cell(s['best_test_acc'], True)} | {best_step} | {left} | `{command(name)}` |")
+    return lines
+
+
+def _phase_table(runs: dict[str, dict]) -> list[str]:
+    """Issue 18, Figs. 2-3 at the paper's budget: per full-protocol run and lr phase (the lr and the
+    phase's steps from the run's config), the mean filter correlation at the phase's last probe and
+    the first/last error moment ratio, median over the phase's probes (it swings from one probe to
+    the next), as far as the run got."""
+    lines = ["| run | lr phase | steps | probes | filter corr. at the phase's last probe | "
+             "q(first)/q(last), median over the phase |", "|---|---|---|---|---|---|"]
+    for name in EXPERIMENTS:
+        if not name.startswith("f-") or not runs.get(name, {}).get("probes") or not runs[name].get("config"):
+            continue
+        config, total = runs[name]["config"], runs[name]["summary"]["total_steps"]
+        bounds = [0, *(round(total * m) for m in config["milestones"]), total]
+        for k, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            probes = [p for p in runs[name]["probes"] if start < p["step"] <= end]
+            if not probes:
+                continue
+            ratios = sorted(p["moment_ratio_first_last"] for p in probes)
+            lines.append(f"| {name} | {config['lr'] * config['lr_decay'] ** k:g} | {start:,}-{probes[-1]['step']:,} | "
+                         f"{len(probes)} | {probes[-1]['filter_correlation_mean']:.4f} | {ratios[len(ratios) // 2]:.3g} |")
     return lines
 
 
@@ -679,7 +703,8 @@ def table_blocks(runs: dict[str, dict]) -> dict[str, list[str]]:
             "recipes": _recipes_table(runs),
             "fit": _fit_table(runs),
             "x4": _x4_table(runs),
-            "full-protocol": _full_protocol_table(runs)}
+            "full-protocol": _full_protocol_table(runs),
+            "full-protocol-phases": _phase_table(runs)}
 
 
 # docs/RESULTS.md holds each table of table_blocks between these two lines, a blank line on each side

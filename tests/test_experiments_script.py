@@ -65,7 +65,7 @@ def test_results_md_holds_the_tables_of_the_committed_runs(experiments):
     `collect`, `tables --write` must follow (this fails until it does)."""
     text, runs = experiments.RESULTS.read_text(), experiments._collected()
     blocks = experiments.table_blocks(runs)
-    assert len(blocks) == 17 and experiments.filled(text, blocks) == text
+    assert len(blocks) == 18 and experiments.filled(text, blocks) == text
     best = experiments.best_row(experiments.RECIPES["plain44-best"], runs)
     recipe = next(line for line in text.splitlines() if line.startswith("| `plain44-best` |"))
     assert recipe.split(" | ")[2] == best[0]
@@ -374,6 +374,20 @@ def test_full_protocol_table_gives_progress_against_the_paper_and_hours_left(exp
     assert rows["f-plain110-ortho-mod-always-s0"][0] == "73.5"
     assert lines[2].endswith("`orthomod train --config plain44-ortho --seed 0 --no-progress --log-every 50 "
                              "--diagnostics-every 100` |")
+
+
+def test_phase_table_splits_the_probes_at_the_lr_drops_of_the_runs_config(experiments):
+    def probe(step, corr, ratio):
+        return {"step": step, "filter_correlation_mean": corr, "moment_ratio_first_last": ratio}
+
+    config = {"lr": 0.1, "lr_decay": 0.1, "milestones": [0.5, 0.75]}  # drops after steps 400 and 600 of 800
+    runs = {"f-plain44-ortho-s0": {"config": config, "summary": {"total_steps": 800}, "probes": [
+        probe(100, 0.05, 3.0), probe(200, 0.04, 1.0), probe(300, 0.03, 2.0), probe(400, 0.02, 50.0),
+        probe(500, 0.01, 7.0), probe(600, 0.009, 9.0)]},  # stopped at 600: nothing yet in the third phase
+        "f-plain44-l2-s0": {"config": config, "summary": {"total_steps": 800}, "probes": []}}
+    rows = [line.split(" | ")[1:] for line in experiments._phase_table(runs)[2:]]
+    assert rows == [["0.1", "0-400", "4", "0.0200", "3 |"],  # median of 1, 2, 3, 50
+                    ["0.01", "400-600", "2", "0.0090", "9 |"]]  # of two, the upper
 
 
 def test_list_shows_an_unfinished_runs_step_and_a_finished_runs_status(experiments, monkeypatch):
