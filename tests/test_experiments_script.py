@@ -234,10 +234,11 @@ def test_leaderboard_time_column_is_the_side_by_side_benchmark(experiments, monk
     times.write_text(json.dumps({"rows": {"l2": {"ratio_to_l2": 1.0}, "m": {"ratio_to_l2": 9.9}}}))
     later.write_text(json.dumps({"rows": {"l2": {"ratio_to_l2": 1.0}, "m": {"ratio_to_l2": 1.234}}}))
     monkeypatch.setattr(experiments, "ROW_TIMES", (times, later, tmp_path / "absent.json"))
-    monkeypatch.setattr(experiments, "LEADERBOARD_ROWS", {"a": "row a", "b": "row b", "n": "row n"})
-    monkeypatch.setattr(experiments, "ROW_METHOD", {"a": "m", "b": "l2", "n": "unmeasured"})
+    monkeypatch.setattr(experiments, "LEADERBOARD_ROWS", {"a": "row a", "b": "row b", "n": "row n", "s": "row s"})
+    monkeypatch.setattr(experiments, "ROW_METHOD", {"a": "m", "b": "l2", "n": "unmeasured", "s": "m-lr"})
+    monkeypatch.setattr(experiments, "SAME_STEP", {"m-lr": "m"})
     monkeypatch.setattr(experiments, "RECIPES", {"plain44-best": ["a", "b"]})
-    monkeypatch.setattr(experiments, "EXPERIMENTS", {"a-s0": [], "b-s0": [], "n-s0": ["--x"]})
+    monkeypatch.setattr(experiments, "EXPERIMENTS", {"a-s0": [], "b-s0": [], "n-s0": ["--x"], "s-s0": ["--x"]})
     runs = _runs(a_s0=0.70, b_s0=0.60)
     for run in runs.values():
         run.update(probes=[], probe=None, command="orthomod train")
@@ -246,7 +247,23 @@ def test_leaderboard_time_column_is_the_side_by_side_benchmark(experiments, monk
     assert experiments.step_ratios(tmp_path / "absent.json") == {}
     cells = {line.split(" | ")[0][2:]: line.split(" | ")[7] for line in experiments.leaderboard(runs)
              if line.startswith("| row")}
-    assert cells == {"row a": "1.23", "row b": "1.00", "row n": "-"}  # n: not run, not measured
+    assert cells == {"row a": "1.23", "row b": "1.00", "row n": "-", "row s": "1.23"}  # n: not run, not measured
+
+
+def test_a_row_timed_as_another_differs_from_it_only_in_its_lr_schedule(experiments):
+    def step_flags(flags):
+        out, skip = [], False
+        for flag in flags:
+            if skip or flag in ("--lr", "--warmup-steps"):
+                skip = not skip
+                continue
+            out.append(flag)
+        return out
+
+    assert experiments.SAME_STEP
+    for key, timed in experiments.SAME_STEP.items():
+        flags, other = experiments.METHOD_FLAGS[key], experiments.METHOD_FLAGS[timed]
+        assert flags != other and step_flags(flags) == step_flags(other)
 
 
 def test_the_queue_follows_the_ranking_for_depth_and_longer_runs(experiments, monkeypatch):
