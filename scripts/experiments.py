@@ -203,6 +203,9 @@ EXPERIMENTS: dict[str, list[str]] = {
     **{f"f-{preset}-s0": ["--config", preset, "--seed", "0"]
        for preset in ("plain44-ortho", "plain44-l2", "plain110-ortho-mod", "plain110-ortho-mod-always")},
     **{f"f-{preset}-s1": ["--config", preset, "--seed", "1"] for preset in ("plain44-ortho", "plain44-l2")},
+    # added 2026-11-27, last: is the plain-44 row's gap to the paper one of augmentation? (it ended
+    # at 99.97% training accuracy with flips only; He et al. also pad and crop)
+    "f-plain44-ortho-flipcrop-s0": ["--config", "plain44-ortho", "--seed", "0", "--augment", "flip-crop"],
 }
 
 # Issue 15's leaderboard: every known way to train a deep plain net at experiment 1's budget
@@ -573,6 +576,9 @@ def _full_protocol_table(runs: dict[str, dict]) -> list[str]:
         if not name.startswith("f-"):
             continue
         paper = FULL_PROTOCOL_PAPER[flags[flags.index("--config") + 1]]
+        changed = flags[flags.index("--seed") + 2:]  # flags beyond the preset's protocol
+        if changed and paper != "-":
+            paper += f" (without {' '.join(changed)})"
         if name not in runs:
             lines.append(f"| {name} | {paper} | queued | - | - | - | - | `{command(name)}` |")
             continue

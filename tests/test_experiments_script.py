@@ -389,6 +389,7 @@ def test_full_protocol_table_gives_progress_against_the_paper_and_hours_left(exp
                                                  sessions=[{"from_step": 0, "started": "2026-11-27T11:00:00"}])
     assert experiments._full_protocol_table(runs)[2].split(" | ")[2:7] == ["300 of 64,000", "-", "-", "-", "212.3"]
     assert rows["f-plain110-ortho-mod-always-s0"][0] == "73.5"
+    assert rows["f-plain44-ortho-flipcrop-s0"][0] == "88.42 (without --augment flip-crop)"  # a variant of the protocol
     assert lines[2].endswith("`orthomod train --config plain44-ortho --seed 0 --no-progress --log-every 50 "
                              "--diagnostics-every 100` |")
 
