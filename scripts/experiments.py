@@ -610,9 +610,8 @@ def _phase_table(runs: dict[str, dict]) -> list[str]:
             probes = [p for p in runs[name]["probes"] if start < p["step"] <= end]
             if not probes:
                 continue
-            ratios = sorted(p["moment_ratio_first_last"] for p in probes)
             lines.append(f"| {name} | {config['lr'] * config['lr_decay'] ** k:g} | {start:,}-{probes[-1]['step']:,} | "
-                         f"{len(probes)} | {probes[-1]['filter_correlation_mean']:.4f} | {ratios[len(ratios) // 2]:.3g} |")
+                         f"{len(probes)} | {probes[-1]['filter_correlation_mean']:.4f} | {_median_ratio(probes):.3g} |")
     return lines
 
 
@@ -832,10 +831,9 @@ def _figures23_table(runs: dict[str, dict]) -> list[str]:
         probes = runs[name]["probes"]
         if not probes:
             continue
-        ratios = sorted(p["moment_ratio_first_last"] for p in probes[2 * len(probes) // 3:])
         residual = probes[-1]["ortho_residual"]
         lines.append(f"| {name} | {_result(runs[name])} | {probes[0]['filter_correlation_mean']:.4f} | "
-                     f"{probes[-1]['filter_correlation_mean']:.4f} | {ratios[len(ratios) // 2]:.3g} | "
+                     f"{probes[-1]['filter_correlation_mean']:.4f} | {_late_ratio(runs[name])} | "
                      f"{fmean(residual):.2f} |")
     return lines
 
@@ -1031,24 +1029,29 @@ def _recipes_table(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _median_ratio(probes: list[dict]) -> float:
+    """q(first)/q(last), the median over ``probes`` (the upper one of an even count): it swings
+    from one probe to the next."""
+    ratios = sorted(p["moment_ratio_first_last"] for p in probes)
+    return ratios[len(ratios) // 2]
+
+
 def _late_ratio(run: dict) -> str:
     """q(first)/q(last), the median over the last third of the probes (Fig. 3's statistic)."""
     probes = run["probes"]
-    if not probes:
-        return "-"
-    ratios = sorted(p["moment_ratio_first_last"] for p in probes[2 * len(probes) // 3:])
-    return f"{ratios[len(ratios) // 2]:.3g}"
+    return f"{_median_ratio(probes[2 * len(probes) // 3:]):.3g}" if probes else "-"
 
 
 def step_ratios(*paths: Path) -> dict[str, float]:
     """Method key -> its training step's time over the baseline's, from benchmarks/bench_rows.py's
     outputs (``ROW_TIMES`` unless ``paths``; each interleaved in one process, a later file's rows
-    replacing an earlier one's; empty where not measured)."""
+    replacing an earlier one's; empty where not measured). A row of SAME_STEP takes the time of the
+    row whose step it is."""
     ratios = {}
     for path in paths or ROW_TIMES:
         if path.exists():
             ratios |= {key: row["ratio_to_l2"] for key, row in json.loads(path.read_text())["rows"].items()}
-    return ratios
+    return ratios | {key: ratios[timed] for key, timed in SAME_STEP.items() if timed in ratios}
 
 
 # Each method's plain net (and the residual net) of each depth at step 0, before any training: how
@@ -1160,11 +1163,10 @@ def leaderboard(runs: dict[str, dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|"]
     for base, label in rows.items():
         seeds = _seeds(base, runs)
-        timed = SAME_STEP.get(ROW_METHOD.get(base), ROW_METHOD.get(base))
-        wall = f"{ratios[timed]:.2f}" if timed in ratios else "-"
+        wall = f"{ratios[ROW_METHOD[base]]:.2f}" if ROW_METHOD.get(base) in ratios else "-"
         if not seeds:
             lines.append(f"| {label} | 0 | not run | - | - | - | - | {wall} | "
-                         f"`orthomod train {' '.join(EXPERIMENTS[base + '-s0'])}` |")
+                         f"`{command(base + '-s0')}` |")
             continue
         first = seeds[0]
         # a seed under way (running, or interrupted by a queue's restart and resumed by it) is counted aside
