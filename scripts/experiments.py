@@ -30,7 +30,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from itertools import combinations
-from statistics import fmean, stdev
+from statistics import fmean, median, stdev
 from pathlib import Path
 
 from orthomod.cli import EXIT_DIVERGED
@@ -512,7 +512,7 @@ def _collected() -> dict[str, dict]:
             config = folder / "config.json"
             runs[name] = {"summary": json.loads((folder / "summary.json").read_text()),
                           "config": json.loads(config.read_text()) if config.exists() else None,
-                          "probes": probes, "probe": probes[-1] if probes else None,
+                          "probes": probes, "probe": probes[-1] if probes else None, "speed": _recent_speed(folder),
                           "command": (folder / "command.txt").read_text().strip()}
     return runs
 
@@ -553,25 +553,35 @@ FULL_PROTOCOL_PAPER = {"plain44-ortho": "88.42", "plain44-l2": "-", "plain110-or
                        "plain110-ortho-mod-always": "73.5"}
 
 
-def _hours_left(summary: dict) -> float | None:
-    """Hours to a run's last step at the rate of its last process: the steps since it started over
-    the time from its start to the summary's last write (pauses included); None if the summary does
-    not say."""
-    sessions = summary.get("sessions") or []
-    if not sessions or "started" not in sessions[-1] or "updated" not in summary:
+RECENT_WINDOWS = 20  # logging windows (50 steps each in this queue) behind a run's recent speed
+
+
+def _recent_speed(folder: Path) -> float | None:
+    """A run's recent training speed in images per second: the median over its last RECENT_WINDOWS
+    logging windows (each window's clock counts its steps only, not evaluation or checkpointing; the
+    median leaves out a window that a pause fell into); None before its first window."""
+    metrics = folder / "metrics.jsonl"
+    if not metrics.exists():
         return None
-    seconds = (datetime.fromisoformat(summary["updated"]) - datetime.fromisoformat(sessions[-1]["started"])).total_seconds()
-    steps = summary["step"] - sessions[-1].get("from_step", 0)
-    if seconds <= 0 or steps <= 0:
+    speeds = [r["images_per_s"] for r in map(json.loads, metrics.read_text().splitlines())
+              if r.get("kind") == "train"][-RECENT_WINDOWS:]
+    return median(speeds) if speeds else None
+
+
+def _hours_left(summary: dict, images_per_s: float | None) -> float | None:
+    """Hours of training to a run's last step at its recent speed (evaluation and pauses excluded, so
+    a lower bound on the wall time); None where either is unknown."""
+    batch = (summary.get("settings") or {}).get("batch_size")
+    if not images_per_s or not batch or "total_steps" not in summary:
         return None
-    return (summary["total_steps"] - summary["step"]) * seconds / steps / 3600
+    return (summary["total_steps"] - summary["step"]) * batch / images_per_s / 3600
 
 
 def _full_protocol_table(runs: dict[str, dict]) -> list[str]:
     """Issue 18's runs in queue order: steps, test accuracy so far against the paper's, and the
-    hours left at the rate of the run's last process."""
+    hours of training left at the run's recent speed."""
     lines = ["| run | paper (%) | steps | final test acc (%) | best test acc (%) | at step | "
-             "hours left at its last session's rate | command |", "|---|---|---|---|---|---|---|---|"]
+             "hours of training left at its recent speed | command |", "|---|---|---|---|---|---|---|---|"]
     for name, flags in EXPERIMENTS.items():
         if not name.startswith("f-"):
             continue
@@ -587,7 +597,7 @@ def _full_protocol_table(runs: dict[str, dict]) -> list[str]:
             steps, left = (s["status"] if s["status"] == "completed" else f"diverged at step {s['diverged_at_step']}"), "-"
         else:
             steps = f"{s['step']:,} of {s['total_steps']:,}"
-            left = "-" if (hours := _hours_left(s)) is None else f"{hours:.1f}"
+            left = "-" if (hours := _hours_left(s, runs[name].get("speed"))) is None else f"{hours:.1f}"
         best_step = "-" if s.get("best_step") is None else f"{s['best_step']:,}"  # none before the first evaluation
         lines.append(f"| {name} | {paper} | {steps} | {_cell(s['final_test_acc'], True)} | "
                      f"{_cell(s['best_test_acc'], True)} | {best_step} | {left} | `{command(name)}` |")
@@ -1241,14 +1251,15 @@ def figures(only: str | None = None) -> None:
 
 def _progress(name: str) -> str:
     """``list``'s status column: a run's status, with its step where it is not finished and the
-    hours left at the rate of its last process."""
+    hours of training left at its recent speed."""
     summary = _summary(name)
     if summary is None:
         return "if deciding" if name in CONDITIONAL_SEEDS else "if chosen" if name in CONDITIONS else "-"
     if summary["status"] in FINISHED or "total_steps" not in summary:
         return summary["status"]
     parked = not (RUNS / name / "checkpoint.pt").exists() and (COLLECTED / name / "checkpoint.pt").exists()
-    left = "" if (hours := _hours_left(summary)) is None else f", {hours:.1f} h left"
+    speed = _recent_speed(RUNS / name if (RUNS / name / "summary.json").exists() else COLLECTED / name)
+    left = "" if (hours := _hours_left(summary, speed)) is None else f", {hours:.1f} h left"
     return f"{summary['status']} {summary['step']}/{summary['total_steps']}" + (", parked" if parked else "") + left
 
 

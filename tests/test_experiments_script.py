@@ -372,11 +372,9 @@ def test_x4_table_puts_each_method_at_40_epochs_beside_its_10_epoch_row(experime
 
 
 def test_full_protocol_table_gives_progress_against_the_paper_and_hours_left(experiments):
-    runs = {"f-plain44-ortho-s0": {"summary": {  # 10,000 steps in its last 2 hours: 24,000 left take 4.8
-        "status": "interrupted", "step": 40000, "total_steps": 64000, "final_test_acc": 0.8, "best_test_acc": 0.8328,
-        "best_step": 34710, "updated": "2026-11-27T12:00:00",
-        "sessions": [{"from_step": 0, "started": "2026-11-26T00:00:00"},
-                     {"from_step": 30000, "started": "2026-11-27T10:00:00"}]}},
+    runs = {"f-plain44-ortho-s0": {"speed": 128 * 10000 / 7200, "summary": {  # 10,000 steps in 2 hours of
+        "status": "interrupted", "step": 40000, "total_steps": 64000, "final_test_acc": 0.8,  # training:
+        "best_test_acc": 0.8328, "best_step": 34710, "settings": {"batch_size": 128}}},  # 24,000 take 4.8
         "f-plain44-l2-s0": {"summary": {"status": "completed", "step": 64000, "total_steps": 64000,
                                         "final_test_acc": 0.9, "best_test_acc": 0.91, "best_step": 60000}}}
     lines = experiments._full_protocol_table(runs)
@@ -384,14 +382,25 @@ def test_full_protocol_table_gives_progress_against_the_paper_and_hours_left(exp
     assert rows["f-plain44-ortho-s0"] == ["88.42", "40,000 of 64,000", "80.00", "83.28", "34,710", "4.8"]
     assert rows["f-plain44-l2-s0"] == ["-", "completed", "90.00", "91.00", "60,000", "-"]
     assert rows["f-plain110-ortho-mod-s0"] == ["81.6", "queued", "-", "-", "-", "-"]
-    # before its first evaluation, one hour into its first process: 300 steps, 63,700 left at 300 an hour
-    runs["f-plain44-ortho-s0"]["summary"].update(step=300, final_test_acc=None, best_test_acc=None, best_step=None,
-                                                 sessions=[{"from_step": 0, "started": "2026-11-27T11:00:00"}])
-    assert experiments._full_protocol_table(runs)[2].split(" | ")[2:7] == ["300 of 64,000", "-", "-", "-", "212.3"]
+    # before its first evaluation, at 64 images a second (half a step): 63,700 steps take 35.4 hours
+    runs["f-plain44-ortho-s0"].update(speed=64.0)
+    runs["f-plain44-ortho-s0"]["summary"].update(step=300, final_test_acc=None, best_test_acc=None, best_step=None)
+    assert experiments._full_protocol_table(runs)[2].split(" | ")[2:7] == ["300 of 64,000", "-", "-", "-", "35.4"]
+    runs["f-plain44-ortho-s0"].update(speed=None)  # before its first logging window: not known
+    assert experiments._full_protocol_table(runs)[2].split(" | ")[6] == "-"
     assert rows["f-plain110-ortho-mod-always-s0"][0] == "73.5"
     assert rows["f-plain44-ortho-flipcrop-s0"][0] == "88.42 (without --augment flip-crop)"  # a variant of the protocol
     assert lines[2].endswith("`orthomod train --config plain44-ortho --seed 0 --no-progress --log-every 50 "
                              "--diagnostics-every 100` |")
+
+
+def test_recent_speed_is_the_median_of_the_last_windows_so_a_paused_one_does_not_count(experiments, tmp_path):
+    assert experiments._recent_speed(tmp_path) is None  # no metrics yet
+    records = [{"kind": "train", "images_per_s": 1000.0}]  # an older session's, beyond the last 20 windows
+    records += [{"kind": "train", "images_per_s": 100.0 + i} for i in range(19)]  # 100..118
+    records += [{"kind": "eval", "test_acc": 0.5}, {"kind": "train", "images_per_s": 2.0}]  # paused in this one
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert experiments._recent_speed(tmp_path) == 108.5  # median of 2, 100, ..., 118: (108 + 109) / 2
 
 
 def test_phase_table_splits_the_probes_at_the_lr_drops_of_the_runs_config(experiments):
@@ -413,8 +422,9 @@ def test_list_shows_an_unfinished_runs_step_and_a_finished_runs_status(experimen
                  "b-s0": {"status": "completed", "step": 3900, "total_steps": 3900}}
     monkeypatch.setattr(experiments, "_summary", summaries.get)
     assert experiments._progress("a-s0") == "interrupted 27545/64000"
-    summaries["a-s0"] |= {"updated": "2026-11-27T12:00:00", "sessions": [{"from_step": 20345, "started": "2026-11-27T10:00:00"}]}
-    assert experiments._progress("a-s0") == "interrupted 27545/64000, 10.1 h left"  # 3,600 steps an hour, 36,455 left
+    summaries["a-s0"] |= {"settings": {"batch_size": 128}}
+    monkeypatch.setattr(experiments, "_recent_speed", lambda folder: 128.0)  # one step a second
+    assert experiments._progress("a-s0") == "interrupted 27545/64000, 10.1 h left"  # 36,455 steps left
     assert experiments._progress("b-s0") == "completed"
     assert experiments._progress("lb-plain44-srip-s1") == "if deciding"  # not run: why it may not
     assert experiments._progress("x4-resnet44-l2-s0") == "-"
@@ -444,7 +454,7 @@ def test_park_keeps_an_unfinished_runs_checkpoint_and_run_resumes_from_it(experi
     for name, status in (("a-s0", "interrupted"), ("b-s0", "completed")):
         (runs / name).mkdir(parents=True)
         (runs / name / "summary.json").write_text(json.dumps({"status": status, "step": 7, "total_steps": 9}))
-        (runs / name / "metrics.jsonl").write_text(f'{{"kind": "train", "step": 5, "run": "{name}"}}\n')
+        (runs / name / "metrics.jsonl").write_text(f'{{"kind": "train", "step": 5, "images_per_s": 100.0, "run": "{name}"}}\n')
         (runs / name / "checkpoint.pt").write_bytes(name.encode())
     experiments.collect()  # collecting alone keeps no checkpoint
     assert not list(collected.glob("*/checkpoint.pt"))
