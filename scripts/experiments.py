@@ -34,7 +34,7 @@ from statistics import fmean, median, stdev
 from pathlib import Path
 
 from orthomod.cli import EXIT_DIVERGED
-from orthomod.files import copy_file, save_text
+from orthomod.files import RunFolder, copy_file, save_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "paper"
@@ -559,12 +559,9 @@ RECENT_WINDOWS = 20  # logging windows (50 steps each in this queue) behind a ru
 def _recent_speed(folder: Path) -> float | None:
     """A run's recent training speed in images per second: the median over its last RECENT_WINDOWS
     logging windows (each window's clock counts its steps only, not evaluation or checkpointing; the
-    median leaves out a window that a pause fell into); None before its first window."""
-    metrics = folder / "metrics.jsonl"
-    if not metrics.exists():
-        return None
-    speeds = [r["images_per_s"] for r in map(json.loads, metrics.read_text().splitlines())
-              if r.get("kind") == "train"][-RECENT_WINDOWS:]
+    median leaves out a window that a pause fell into); None before its first window. A line being
+    written while ``list`` reads it is skipped, as RunFolder.records skips one cut by a crash."""
+    speeds = [r["images_per_s"] for r in RunFolder(folder).records() if r.get("kind") == "train"][-RECENT_WINDOWS:]
     return median(speeds) if speeds else None
 
 

@@ -394,12 +394,12 @@ def test_full_protocol_table_gives_progress_against_the_paper_and_hours_left(exp
                              "--diagnostics-every 100` |")
 
 
-def test_recent_speed_is_the_median_of_the_last_windows_so_a_paused_one_does_not_count(experiments, tmp_path):
+def test_recent_speed_is_the_median_of_the_last_windows_so_a_paused_one_does_not_count_nor_a_cut_line(experiments, tmp_path):
     assert experiments._recent_speed(tmp_path) is None  # no metrics yet
     records = [{"kind": "train", "images_per_s": 1000.0}]  # an older session's, beyond the last 20 windows
     records += [{"kind": "train", "images_per_s": 100.0 + i} for i in range(19)]  # 100..118
     records += [{"kind": "eval", "test_acc": 0.5}, {"kind": "train", "images_per_s": 2.0}]  # paused in this one
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tra')
     assert experiments._recent_speed(tmp_path) == 108.5  # median of 2, 100, ..., 118: (108 + 109) / 2
 
 
