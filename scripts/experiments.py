@@ -385,12 +385,18 @@ def _status(name: str) -> str | None:
     return None if summary is None else summary["status"]
 
 
+def _run_folder(name: str) -> Path | None:
+    """The run's own folder if it is here, else its collected copy (no checkpoint there: no Fig. 6); None if neither."""
+    for folder in (RUNS / name, COLLECTED / name):
+        if (folder / "summary.json").exists():
+            return folder
+    return None
+
+
 def _summary(name: str) -> dict | None:
     """The run's summary here, else its collected copy's."""
-    for summary in (RUNS / name / "summary.json", COLLECTED / name / "summary.json"):
-        if summary.exists():
-            return json.loads(summary.read_text())
-    return None
+    folder = _run_folder(name)
+    return None if folder is None else json.loads((folder / "summary.json").read_text())
 
 
 def _queue_runs() -> dict[str, dict]:
@@ -1198,14 +1204,6 @@ def leaderboard(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
-def _run_folder(name: str) -> Path | None:
-    """The run's own folder if it is here, else its collected copy (no checkpoint: no Fig. 6)."""
-    for folder in (RUNS / name, COLLECTED / name):
-        if (folder / "summary.json").exists():
-            return folder
-    return None
-
-
 def figures(only: str | None = None) -> None:
     """``orthomod report`` over the runs of each experiment group, into docs/results/<group>/.
 
@@ -1255,8 +1253,7 @@ def _progress(name: str) -> str:
     if summary["status"] in FINISHED or "total_steps" not in summary:
         return summary["status"]
     parked = not (RUNS / name / "checkpoint.pt").exists() and (COLLECTED / name / "checkpoint.pt").exists()
-    speed = _recent_speed(RUNS / name if (RUNS / name / "summary.json").exists() else COLLECTED / name)
-    left = "" if (hours := _hours_left(summary, speed)) is None else f", {hours:.1f} h left"
+    left = "" if (hours := _hours_left(summary, _recent_speed(_run_folder(name)))) is None else f", {hours:.1f} h left"
     return f"{summary['status']} {summary['step']}/{summary['total_steps']}" + (", parked" if parked else "") + left
 
 

@@ -421,9 +421,9 @@ def test_list_shows_an_unfinished_runs_step_and_a_finished_runs_status(experimen
     summaries = {"a-s0": {"status": "interrupted", "step": 27545, "total_steps": 64000},
                  "b-s0": {"status": "completed", "step": 3900, "total_steps": 3900}}
     monkeypatch.setattr(experiments, "_summary", summaries.get)
-    assert experiments._progress("a-s0") == "interrupted 27545/64000"
-    summaries["a-s0"] |= {"settings": {"batch_size": 128}}
     monkeypatch.setattr(experiments, "_recent_speed", lambda folder: 128.0)  # one step a second
+    assert experiments._progress("a-s0") == "interrupted 27545/64000"  # no batch size: no hours
+    summaries["a-s0"] |= {"settings": {"batch_size": 128}}
     assert experiments._progress("a-s0") == "interrupted 27545/64000, 10.1 h left"  # 36,455 steps left
     assert experiments._progress("b-s0") == "completed"
     assert experiments._progress("lb-plain44-srip-s1") == "if deciding"  # not run: why it may not
