@@ -519,6 +519,7 @@ def _collected() -> dict[str, dict]:
             runs[name] = {"summary": json.loads((folder / "summary.json").read_text()),
                           "config": json.loads(config.read_text()) if config.exists() else None,
                           "probes": probes, "probe": probes[-1] if probes else None, "speed": _recent_speed(folder),
+                          "records": RunFolder(folder).records(),
                           "command": (folder / "command.txt").read_text().strip()}
     return runs
 
@@ -628,6 +629,65 @@ def _phase_table(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
+# Issue 18: each full-protocol preset compared at equal steps with the run it is measured against
+# (the paper's +3-4 points over msra + L2; modulation for the first n iterations against always)
+FULL_PROTOCOL_AGAINST = {"plain44-ortho": "plain44-l2", "plain110-ortho-mod": "plain110-ortho-mod-always"}
+
+
+def _pairs() -> list[tuple[str, str]]:
+    """(run, the run it is measured against) for each full-protocol run with a partner of the same
+    seed and flags in the queue."""
+    pairs = []
+    for name, flags in EXPERIMENTS.items():
+        preset = flags[flags.index("--config") + 1] if name.startswith("f-") else None
+        if preset in FULL_PROTOCOL_AGAINST:
+            other = setting(flags, "--config", FULL_PROTOCOL_AGAINST[preset])
+            pairs += [(name, o) for o, f in EXPERIMENTS.items() if f == other]
+    return pairs
+
+
+def _pair_table(runs: dict[str, dict]) -> list[str]:
+    """Issue 18: each pair of _pairs per lr phase, at the steps where both have been evaluated
+    (both trained on the same schedule): the mean, lowest and highest test accuracy of each, how many
+    of those evaluations the first run is ahead at, the mean training loss of their logging windows at
+    the same steps, and the filter correlation of each at the phase's last probe they share (the
+    paper's Fig. 2: orthonormality's about 2.5 times lower than msra + L2's), as far as both got."""
+    lines = ["| run | against | lr phase | evaluations at the same steps | test acc (%): run, mean (range) | "
+             "against | run ahead at | training loss: run | against | filter corr. at the same step: run | "
+             "against | against / run |", "|---" * 12 + "|"]
+
+    def at(name: str, kind: str, key: str, start: int, end: int) -> dict[int, float]:
+        return {r["step"]: r[key] for r in runs[name]["records"] if r.get("kind") == kind and start < r["step"] <= end}
+
+    def accs(values: list[float]) -> str:
+        return f"{100 * fmean(values):.2f} ({100 * min(values):.2f}-{100 * max(values):.2f})"
+
+    for a, b in _pairs():
+        if not all(runs.get(n, {}).get("config") for n in (a, b)):
+            continue
+        config, total = runs[a]["config"], runs[a]["summary"]["total_steps"]
+        bounds = [0, *(round(total * m) for m in config["milestones"]), total]
+        for k, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            tests = [at(n, "eval", "test_acc", start, end) for n in (a, b)]
+            steps = sorted(tests[0].keys() & tests[1].keys())
+            if not steps:
+                continue
+            losses = [at(n, "train", "loss", start, end) for n in (a, b)]
+            trained = losses[0].keys() & losses[1].keys()
+            probes = [{p["step"]: p["filter_correlation_mean"] for p in runs[n]["probes"] if start < p["step"] <= end}
+                      for n in (a, b)]
+            shared = max(probes[0].keys() & probes[1].keys(), default=None)
+            corr = ("- | - | -" if shared is None else
+                    f"{probes[0][shared]:.4f} | {probes[1][shared]:.4f} | {probes[1][shared] / probes[0][shared]:.2f}")
+            loss = " | ".join(f"{fmean(l[s] for s in trained):.3f}" if trained else "-" for l in losses)
+            span = f"step {steps[0]:,}" if len(steps) == 1 else f"steps {steps[0]:,}-{steps[-1]:,}"
+            lines.append(f"| {a} | {b} | {config['lr'] * config['lr_decay'] ** k:g} | {len(steps)} ({span}) | "
+                         f"{accs([tests[0][s] for s in steps])} | "
+                         f"{accs([tests[1][s] for s in steps])} | {sum(tests[0][s] > tests[1][s] for s in steps)} "
+                         f"| {loss} | {corr} |")
+    return lines
+
+
 def _fit_table(runs: dict[str, dict]) -> list[str]:
     """The leaderboard's rows (the residual net included) by final training loss: the loss and
     accuracy of the last logging window of training (augmented batches, BN in training mode) beside
@@ -729,7 +789,8 @@ def table_blocks(runs: dict[str, dict]) -> dict[str, list[str]]:
             "fit": _fit_table(runs),
             "x4": _x4_table(runs),
             "full-protocol": _full_protocol_table(runs),
-            "full-protocol-phases": _phase_table(runs)}
+            "full-protocol-phases": _phase_table(runs),
+            "full-protocol-pairs": _pair_table(runs)}
 
 
 # docs/RESULTS.md holds each table of table_blocks between these two lines, a blank line on each side

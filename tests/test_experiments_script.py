@@ -65,7 +65,7 @@ def test_results_md_holds_the_tables_of_the_committed_runs(experiments):
     `collect`, `tables --write` must follow (this fails until it does)."""
     text, runs = experiments.RESULTS.read_text(), experiments._collected()
     blocks = experiments.table_blocks(runs)
-    assert len(blocks) == 18 and experiments.filled(text, blocks) == text
+    assert len(blocks) == 19 and experiments.filled(text, blocks) == text
     best = experiments.best_row(experiments.RECIPES["plain44-best"], runs)
     recipe = next(line for line in text.splitlines() if line.startswith("| `plain44-best` |"))
     assert recipe.split(" | ")[2] == best[0]
@@ -415,6 +415,37 @@ def test_phase_table_splits_the_probes_at_the_lr_drops_of_the_runs_config(experi
     rows = [line.split(" | ")[1:] for line in experiments._phase_table(runs)[2:]]
     assert rows == [["0.1", "0-400", "4", "0.0200", "3 |"],  # median of 1, 2, 3, 50
                     ["0.01", "400-600", "2", "0.0090", "9 |"]]  # of two, the upper
+
+
+def test_pairs_match_each_full_protocol_row_with_the_row_of_the_same_seed_it_is_measured_against(experiments):
+    assert experiments._pairs() == [("f-plain44-ortho-s0", "f-plain44-l2-s0"),
+                                    ("f-plain110-ortho-mod-s0", "f-plain110-ortho-mod-always-s0"),
+                                    ("f-plain44-ortho-s1", "f-plain44-l2-s1")]  # flip-crop has no L2 partner
+
+
+def test_pair_table_compares_two_runs_per_lr_phase_at_the_steps_both_reached(experiments):
+    config = {"lr": 0.1, "lr_decay": 0.1, "milestones": [0.5, 0.75]}  # drops after steps 400 and 600 of 800
+
+    def run(evals, losses, probes):
+        return {"config": config, "summary": {"total_steps": 800},
+                "records": [{"kind": "eval", "step": s, "test_acc": a} for s, a in evals]
+                + [{"kind": "train", "step": s, "loss": l} for s, l in losses],
+                "probes": [{"step": s, "filter_correlation_mean": c} for s, c in probes]}
+
+    runs = {"f-plain44-ortho-s0": run([(200, 0.5), (400, 0.6), (600, 0.8), (800, 0.85)],
+                                      [(200, 1.0), (400, 0.8), (600, 0.4)], [(400, 0.02), (600, 0.01)]),
+            "f-plain44-l2-s0": run([(200, 0.7), (400, 0.5), (600, 0.7)],  # stopped at 600
+                                   [(200, 0.6), (400, 0.4), (500, 9.9), (600, 0.3)], [(300, 0.06), (600, 0.04)])}
+    rows = [line.split(" | ")[2:] for line in experiments._pair_table(runs)[2:]]
+    assert rows == [
+        # phase 1: evaluations at 200, 400 (ahead at 400 only); losses at 200, 400; probes shared: none
+        ["0.1", "2 (steps 200-400)", "55.00 (50.00-60.00)", "60.00 (50.00-70.00)", "1", "0.900", "0.500",
+         "-", "-", "- |"],
+        # phase 2: 600 only; the L2 run's window at 500 has no partner; probes shared at 600: 0.04 / 0.01
+        ["0.01", "1 (step 600)", "80.00 (80.00-80.00)", "70.00 (70.00-70.00)", "1", "0.400", "0.300",
+         "0.0100", "0.0400", "4.00 |"]]  # phase 3: the L2 run has no evaluation there yet, no row
+    del runs["f-plain44-l2-s0"]
+    assert experiments._pair_table(runs)[2:] == []  # the partner not run yet
 
 
 def test_list_shows_an_unfinished_runs_step_and_a_finished_runs_status(experiments, monkeypatch):
