@@ -646,13 +646,21 @@ def _pairs() -> list[tuple[str, str]]:
     return pairs
 
 
-def _pair_table(runs: dict[str, dict]) -> list[str]:
-    """Issue 18: each pair of _pairs per lr phase, at the steps where both have been evaluated
-    (both trained on the same schedule): the mean, lowest and highest test accuracy of each, how many
-    of those evaluations the first run is ahead at, the mean training loss of their logging windows at
+def _x4_pairs(runs: dict[str, dict]) -> list[tuple[str, str]]:
+    """Issue 15, item 3: per seed, the best method's 40-epoch run against the paper's method's and
+    resnet-44's."""
+    seeds = sorted({_base_seed(n) for n in EXPERIMENTS if n.startswith("x4-resnet44-l2-s")})
+    return [(f"x4-plain44-{key}-s{seed}", f"{other}-s{seed}") for key in top_methods(runs, 1) for seed in seeds
+            for other in ("x4-plain44-ortho-mod", "x4-resnet44-l2") if other != f"x4-plain44-{key}"]
+
+
+def _pair_table(runs: dict[str, dict], pairs: list[tuple[str, str]]) -> list[str]:
+    """Each pair of runs per lr phase (the phases of the first run's config; both have the same
+    milestones, not always the same lr), at the steps where both have been evaluated: the mean, lowest
+    and highest test accuracy of each, how many of those evaluations the first run is ahead at, the mean training loss of their logging windows at
     the same steps, and the filter correlation of each at the phase's last probe they share (the
     paper's Fig. 2: orthonormality's about 2.5 times lower than msra + L2's), as far as both got."""
-    lines = ["| run | against | lr phase | evaluations at the same steps | test acc (%): run, mean (range) | "
+    lines = ["| run | against | lr phase (the run's lr) | evaluations at the same steps | test acc (%): run, mean (range) | "
              "against | run ahead at | training loss: run | against | filter corr. at the same step: run | "
              "against | against / run |", "|---" * 12 + "|"]
 
@@ -662,7 +670,7 @@ def _pair_table(runs: dict[str, dict]) -> list[str]:
     def accs(values: list[float]) -> str:
         return f"{100 * fmean(values):.2f} ({100 * min(values):.2f}-{100 * max(values):.2f})"
 
-    for a, b in _pairs():
+    for a, b in pairs:
         if not all(runs.get(n, {}).get("config") for n in (a, b)):
             continue
         config, total = runs[a]["config"], runs[a]["summary"]["total_steps"]
@@ -681,7 +689,7 @@ def _pair_table(runs: dict[str, dict]) -> list[str]:
                     f"{probes[0][shared]:.4f} | {probes[1][shared]:.4f} | {probes[1][shared] / probes[0][shared]:.2f}")
             loss = " | ".join(f"{fmean(l[s] for s in trained):.3f}" if trained else "-" for l in losses)
             span = f"step {steps[0]:,}" if len(steps) == 1 else f"steps {steps[0]:,}-{steps[-1]:,}"
-            lines.append(f"| {a} | {b} | {config['lr'] * config['lr_decay'] ** k:g} | {len(steps)} ({span}) | "
+            lines.append(f"| {a} | {b} | {k + 1} ({config['lr'] * config['lr_decay'] ** k:g}) | {len(steps)} ({span}) | "
                          f"{accs([tests[0][s] for s in steps])} | "
                          f"{accs([tests[1][s] for s in steps])} | {sum(tests[0][s] > tests[1][s] for s in steps)} "
                          f"| {loss} | {corr} |")
@@ -790,7 +798,8 @@ def table_blocks(runs: dict[str, dict]) -> dict[str, list[str]]:
             "x4": _x4_table(runs),
             "full-protocol": _full_protocol_table(runs),
             "full-protocol-phases": _phase_table(runs),
-            "full-protocol-pairs": _pair_table(runs)}
+            "full-protocol-pairs": _pair_table(runs, _pairs()),
+            "x4-pairs": _pair_table(runs, _x4_pairs(runs))}
 
 
 # docs/RESULTS.md holds each table of table_blocks between these two lines, a blank line on each side

@@ -65,7 +65,7 @@ def test_results_md_holds_the_tables_of_the_committed_runs(experiments):
     `collect`, `tables --write` must follow (this fails until it does)."""
     text, runs = experiments.RESULTS.read_text(), experiments._collected()
     blocks = experiments.table_blocks(runs)
-    assert len(blocks) == 19 and experiments.filled(text, blocks) == text
+    assert len(blocks) == 20 and experiments.filled(text, blocks) == text
     best = experiments.best_row(experiments.RECIPES["plain44-best"], runs)
     recipe = next(line for line in text.splitlines() if line.startswith("| `plain44-best` |"))
     assert recipe.split(" | ")[2] == best[0]
@@ -436,16 +436,27 @@ def test_pair_table_compares_two_runs_per_lr_phase_at_the_steps_both_reached(exp
                                       [(200, 1.0), (400, 0.8), (600, 0.4)], [(400, 0.02), (600, 0.01)]),
             "f-plain44-l2-s0": run([(200, 0.7), (400, 0.5), (600, 0.7)],  # stopped at 600
                                    [(200, 0.6), (400, 0.4), (500, 9.9), (600, 0.3)], [(300, 0.06), (600, 0.04)])}
-    rows = [line.split(" | ")[2:] for line in experiments._pair_table(runs)[2:]]
+    rows = [line.split(" | ")[2:] for line in experiments._pair_table(runs, experiments._pairs())[2:]]
     assert rows == [
         # phase 1: evaluations at 200, 400 (ahead at 400 only); losses at 200, 400; probes shared: none
-        ["0.1", "2 (steps 200-400)", "55.00 (50.00-60.00)", "60.00 (50.00-70.00)", "1", "0.900", "0.500",
+        ["1 (0.1)", "2 (steps 200-400)", "55.00 (50.00-60.00)", "60.00 (50.00-70.00)", "1", "0.900", "0.500",
          "-", "-", "- |"],
         # phase 2: 600 only; the L2 run's window at 500 has no partner; probes shared at 600: 0.04 / 0.01
-        ["0.01", "1 (step 600)", "80.00 (80.00-80.00)", "70.00 (70.00-70.00)", "1", "0.400", "0.300",
+        ["2 (0.01)", "1 (step 600)", "80.00 (80.00-80.00)", "70.00 (70.00-70.00)", "1", "0.400", "0.300",
          "0.0100", "0.0400", "4.00 |"]]  # phase 3: the L2 run has no evaluation there yet, no row
     del runs["f-plain44-l2-s0"]
-    assert experiments._pair_table(runs)[2:] == []  # the partner not run yet
+    assert experiments._pair_table(runs, experiments._pairs())[2:] == []  # the partner not run yet
+
+
+def test_x4_pairs_put_the_best_method_against_the_papers_and_resnet44_per_seed(experiments, monkeypatch):
+    monkeypatch.setattr(experiments, "top_methods", lambda runs, n: ["isonet"])
+    assert experiments._x4_pairs({}) == [("x4-plain44-isonet-s0", "x4-plain44-ortho-mod-s0"),
+                                         ("x4-plain44-isonet-s0", "x4-resnet44-l2-s0"),
+                                         ("x4-plain44-isonet-s1", "x4-plain44-ortho-mod-s1"),
+                                         ("x4-plain44-isonet-s1", "x4-resnet44-l2-s1")]
+    monkeypatch.setattr(experiments, "top_methods", lambda runs, n: ["ortho-mod"])  # the paper's method best:
+    assert experiments._x4_pairs({}) == [("x4-plain44-ortho-mod-s0", "x4-resnet44-l2-s0"),  # not against itself
+                                         ("x4-plain44-ortho-mod-s1", "x4-resnet44-l2-s1")]
 
 
 def test_list_shows_an_unfinished_runs_step_and_a_finished_runs_status(experiments, monkeypatch):
