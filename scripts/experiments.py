@@ -456,6 +456,8 @@ def run(only: str | None) -> None:
 
 RUN_FILES = ("config.json", "summary.json", "metrics.jsonl", "diagnostics.jsonl")  # what `collect` copies
 FINISHED = ("completed", "diverged")  # statuses of a run that `run` skips; any other resumes from a checkpoint
+KEEP_FINAL = ("f-",)  # runs whose last checkpoint `collect` keeps once finished: issue 18's full-protocol
+# rows, so that their Fig. 6 and `orthomod analyze` work on a fresh clone (5.4 MB per plain-44, 14 per plain-110)
 
 
 def command(name: str) -> str:
@@ -464,14 +466,16 @@ def command(name: str) -> str:
 
 
 def collect(park: bool = False) -> None:
-    """Copy each run's small files to its collected copy; with ``park``, an unfinished run's checkpoint too.
+    """Copy each run's small files to its collected copy; with ``park``, an unfinished run's checkpoint too,
+    and the last checkpoint of a finished run named in KEEP_FINAL.
 
     The checkpoint is copied (atomically) before the records, so the records are as new as it or
     newer; those written after it are dropped again when the run resumes. A parked checkpoint of a
     run that has since finished is removed, and so is one of a run the queue no longer starts (its
     condition fails with the ranking as it is: `run` skips it), so that the repository does not
     carry checkpoints (14 MB for plain-110) that nothing resumes; should the ranking pick that run
-    again, it starts over, and its collected records of the partial run remain.
+    again, it starts over, and its collected records of the partial run remain. The final weights of
+    a KEEP_FINAL run are kept (the paper's headline nets: Fig. 6, `orthomod analyze`); `run` skips it.
     """
     for name in EXPERIMENTS:
         source = RUNS / name
@@ -482,7 +486,8 @@ def collect(park: bool = False) -> None:
         finished = _status(name) in FINISHED
         abandoned = park and not finished and not _runs_now(name)
         parked = park and not finished and not abandoned and (source / "checkpoint.pt").exists()
-        if parked:
+        kept = park and finished and name.startswith(KEEP_FINAL) and (source / "checkpoint.pt").exists()
+        if parked or kept:
             copy_file(source / "checkpoint.pt", target / "checkpoint.pt")
         elif finished or abandoned:
             if abandoned and (target / "checkpoint.pt").exists():
@@ -492,7 +497,8 @@ def collect(park: bool = False) -> None:
             if (source / file).exists():
                 shutil.copy2(source / file, target / file)
         (target / "command.txt").write_text(command(name) + "\n")
-        print(f"collected and parked {name}" if parked else f"collected {name}")
+        print(f"collected and parked {name}" if parked else f"collected {name} with its final weights" if kept
+              else f"collected {name}")
 
 
 def unpark(name: str) -> None:

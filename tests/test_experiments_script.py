@@ -529,6 +529,18 @@ def test_park_keeps_an_unfinished_runs_checkpoint_and_run_resumes_from_it(experi
     experiments.collect(park=True)
     assert not list(collected.glob("*/checkpoint.pt"))
 
+    # ... unless it is one whose final weights are kept: then its last checkpoint, not the parked one
+    monkeypatch.setattr(experiments, "KEEP_FINAL", ("a-",))
+    (runs / "a-s0" / "checkpoint.pt").write_bytes(b"a-s0 final")
+    experiments.collect()  # collecting alone keeps none
+    assert not list(collected.glob("*/checkpoint.pt"))
+    experiments.collect(park=True)
+    assert [p.parent.name for p in collected.glob("*/checkpoint.pt")] == ["a-s0"]
+    assert (collected / "a-s0" / "checkpoint.pt").read_bytes() == b"a-s0 final"
+    calls.clear()
+    experiments.run(None)
+    assert calls == []  # finished: `run` resumes nothing from it
+
 
 def test_propagation_measures_the_net_each_rows_seed_0_trained(experiments):
     from orthomod.cli import train_config
