@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from conftest import tiny_config
-from orthomod.diagnostics import (bn_jacobian, filter_correlation, filter_correlation_of, gradient_norms,
-                                  moment_ratios, orthogonality_residuals, signal_propagation)
+from orthomod.diagnostics import (bn_jacobian, filter_correlation, filter_correlation_of, filter_norms,
+                                  gradient_norms, moment_ratios, orthogonality_residuals, signal_propagation)
 from orthomod.init import orthonormal_
 from orthomod.models import create
 from orthomod.modulation import ErrorModulator
@@ -33,6 +33,18 @@ def test_model_level_probes_on_orthonormal_init():
     assert gradient_norms(model) == [None] * 19
     msra = filter_correlation(create("plain20", init="msra"))
     assert msra["mean"] > 10 * corr["mean"]
+    assert filter_norms(model) == pytest.approx([1.0] * 19)  # V V^T = I: unit rows
+
+
+def test_filter_norms_are_the_mean_norm_of_each_layers_filters_groups_included():
+    grouped = nn.Conv2d(4, 6, 3, groups=2, bias=False)  # 6 filters of 2 x 3 x 3 = 18 inputs each
+    with torch.no_grad():
+        grouped.weight.copy_(torch.arange(1.0, 7.0)[:, None, None, None].expand(6, 2, 3, 3))
+    plain = nn.Conv2d(2, 2, 1, bias=False)
+    with torch.no_grad():
+        plain.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, -1.0]])[:, :, None, None])  # norms 5 and 1
+    norms = filter_norms(nn.Sequential(grouped, nn.Linear(2, 2), plain))  # the linear layer is not a conv
+    assert norms == pytest.approx([3.5 * math.sqrt(18), 3.0])  # filter i holds i + 1 everywhere: (1..6) * sqrt(18)
 
 
 def test_moment_ratios_exact_on_known_chain():

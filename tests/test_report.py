@@ -105,6 +105,11 @@ def test_analyze_propagation_of_a_run_measures_its_checkpoint_on_its_first_batch
     trained = json.loads(capsys.readouterr().out)
     assert trained["step"] == 40 and trained["checkpoint"] == "checkpoint.pt" and start["step"] == 0
     assert trained["names"] == start["names"] and trained["errors"] != start["errors"]
+    # each layer's mean filter norm, from the checkpoint's own tensors (plain8: convs named features.*)
+    weights = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    assert trained["filter_norm"] == pytest.approx(
+        [float(weights[f"{name}.weight"].flatten(1).norm(dim=1).mean()) for name in trained["names"]])
+    assert start["filter_norm"] != pytest.approx(trained["filter_norm"])
     # the step-0 weights written into the checkpoint: exactly the step-0 measurement, so the batch
     # and the measurement are the start's and only the weights come from the checkpoint
     state = torch.load(run / "checkpoint.pt", weights_only=False)

@@ -125,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
         "propagation", help="per layer at step 0 (or a run's checkpoint): the signal's second moment up, the errors' down",
         description="The model and first training batch that `orthomod train` with the same flags starts from: "
                     "one forward and backward pass in fp32 on the CPU, per conv layer the second moment of its "
-                    "output and of the loss's gradient at that output (q, as in Figs. 3-4). Takes train's flags; "
+                    "output and of the loss's gradient at that output (q, as in Figs. 3-4), and the mean norm of its "
+                    "filters. Takes train's flags; "
                     "those that build the model, its data and its init matter. With --run, the same on that run's "
                     "first training batch with the weights of its checkpoint: the trained net against its start.")
     _add_config_arguments(propagation)
@@ -296,7 +297,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _analyze_propagation(args: argparse.Namespace) -> int:
-    from .diagnostics import signal_propagation
+    from .diagnostics import filter_norms, signal_propagation, weighted_layers
     from .train import initial_model
 
     overrides = _overrides(args)
@@ -318,6 +319,8 @@ def _analyze_propagation(args: argparse.Namespace) -> int:
     if state is not None:
         _load_weights(model, state, path, config, run_dir)
     result = signal_propagation(model, images.float(), labels)
+    norms = {name or "<model>": norm for (name, _), norm in zip(weighted_layers(model), filter_norms(model))}
+    result["filter_norm"] = [norms[name] for name in result["names"]]
     if args.json:
         print(json.dumps({"model": config.model, "init": config.init, "activation": config.activation,
                           "norm": config.norm, "parametrization": config.parametrization, "seed": config.seed,
@@ -329,9 +332,9 @@ def _analyze_propagation(args: argparse.Namespace) -> int:
               f"({len(labels)} images), fp32, training mode")
         width = max(len("layer"), *map(len, result["names"]))
         top = result["errors"][-1]
-        print(f"{'layer':<{width}}  {'E[out^2]':>10}  {'q (error)':>10}  {'q / q(last)':>11}")
-        for name, up, down in zip(result["names"], result["forward"], result["errors"]):
-            print(f"{name:<{width}}  {up:>10.3e}  {down:>10.3e}  {down / top if top else math.nan:>11.3e}")
+        print(f"{'layer':<{width}}  {'E[out^2]':>10}  {'q (error)':>10}  {'q / q(last)':>11}  {'filter norm':>11}")
+        for name, up, down, norm in zip(result["names"], result["forward"], result["errors"], result["filter_norm"]):
+            print(f"{name:<{width}}  {up:>10.3e}  {down:>10.3e}  {down / top if top else math.nan:>11.3e}  {norm:>11.4f}")
         print(f"signal, last layer over first: {result['forward_last_over_first']:.3g}; "
               f"errors, first layer over last: {result['errors_first_over_last']:.3g}")
     if out is not None:

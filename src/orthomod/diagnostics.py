@@ -5,8 +5,10 @@
 - Error second moments per conv layer come from :class:`orthomod.modulation.ErrorModulator`
   (``monitor=True`` measures without modulating); :func:`moment_ratios` turns them into the
   first/last ratio of Fig. 3 and the per-layer ratios ``q^l / q^L`` of Fig. 4.
-- :func:`orthogonality_residuals` (``||V V^T - I||_F`` per layer, group-wise) and
-  :func:`gradient_norms`.
+- :func:`orthogonality_residuals` (``||V V^T - I||_F`` per layer, group-wise),
+  :func:`filter_norms` (the mean norm of a layer's filters: with BN after a conv its output does
+  not depend on that scale, and a step of SGD moves it by an angle that scales as ``lr / norm^2``)
+  and :func:`gradient_norms`.
 - :func:`signal_propagation`: on one batch at the current weights, each layer's output second
   moment going up and its error moment ``q`` coming down, without changing the model (where a
   net fails at init, and in which direction; docs/METHOD-NOTES.md, Signal propagation at step 0).
@@ -32,7 +34,7 @@ from .regularizers import orthonormal_penalty
 from .weights import CONV_TRANSPOSE_TYPES, CONV_TYPES, LayerFilter, filter_matrices, geometry, weight_layers
 
 __all__ = ["weighted_layers", "filter_correlation_of", "filter_correlation", "orthogonality_residuals",
-           "gradient_norms", "moment_ratios", "signal_propagation", "bn_jacobian"]
+           "filter_norms", "gradient_norms", "moment_ratios", "signal_propagation", "bn_jacobian"]
 
 
 def weighted_layers(model: nn.Module, filter: LayerFilter = None) -> list[tuple[str, nn.Module]]:
@@ -66,6 +68,13 @@ def filter_correlation(model: nn.Module, filter: LayerFilter = None) -> dict:
 def orthogonality_residuals(model: nn.Module, filter: LayerFilter = None) -> list[float]:
     """``||V V^T - I||_F`` per layer (group-wise: the root of the summed squares)."""
     return [float(orthonormal_penalty(m.weight.detach().double(), *geometry(m)).sqrt())
+            for _, m in weighted_layers(model, filter)]
+
+
+@torch.no_grad()
+def filter_norms(model: nn.Module, filter: LayerFilter = None) -> list[float]:
+    """Per layer, the mean over its filters (rows of ``V``, every group's) of the filter's norm."""
+    return [float(filter_matrices(m.weight.detach(), *geometry(m)).double().norm(dim=2).mean())
             for _, m in weighted_layers(model, filter)]
 
 
