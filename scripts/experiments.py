@@ -662,10 +662,11 @@ def _x4_pairs(runs: dict[str, dict]) -> list[tuple[str, str]]:
 
 def _pair_table(runs: dict[str, dict], pairs: list[tuple[str, str]]) -> list[str]:
     """Each pair of runs per lr phase (the phases of the first run's config; both have the same
-    milestones, not always the same lr), at the steps where both have been evaluated: the mean, lowest
-    and highest test accuracy of each, how many of those evaluations the first run is ahead at, the mean training loss of their logging windows at
-    the same steps, and the filter correlation of each at the phase's last probe they share (the
-    paper's Fig. 2: orthonormality's about 2.5 times lower than msra + L2's), as far as both got."""
+    milestones, not always the same lr), at the steps where both have been evaluated: the mean,
+    lowest and highest test accuracy of each, how many of those evaluations the first run is ahead
+    at, the mean training loss of their logging windows at the same steps, and the filter
+    correlation of each at the phase's last probe they share (the paper's Fig. 2 puts
+    orthonormality's about 2.5 times below msra + L2's), as far as both got."""
     lines = ["| run | against | lr phase (the run's lr) | evaluations at the same steps | test acc (%): run, mean (range) | "
              "against | run ahead at | training loss: run | against | filter corr. at the same step: run | "
              "against | against / run |", "|---" * 12 + "|"]
