@@ -521,11 +521,11 @@ def _collected() -> dict[str, dict]:
             if (folder / "diagnostics.jsonl").exists():
                 probes = [p for p in map(json.loads, (folder / "diagnostics.jsonl").read_text().splitlines())
                           if p.get("kind") == "diagnostics"]
-            config = folder / "config.json"
+            config, records = folder / "config.json", RunFolder(folder).records()
             runs[name] = {"summary": json.loads((folder / "summary.json").read_text()),
                           "config": json.loads(config.read_text()) if config.exists() else None,
-                          "probes": probes, "probe": probes[-1] if probes else None, "speed": _recent_speed(folder),
-                          "records": RunFolder(folder).records(),
+                          "probes": probes, "probe": probes[-1] if probes else None, "speed": _recent_speed(records),
+                          "records": records,
                           "command": (folder / "command.txt").read_text().strip()}
     return runs
 
@@ -569,12 +569,13 @@ FULL_PROTOCOL_PAPER = {"plain44-ortho": "88.42", "plain44-l2": "-", "plain110-or
 RECENT_WINDOWS = 20  # logging windows (50 steps each in this queue) behind a run's recent speed
 
 
-def _recent_speed(folder: Path) -> float | None:
-    """A run's recent training speed in images per second: the median over its last RECENT_WINDOWS
-    logging windows (each window's clock counts its steps only, not evaluation or checkpointing; the
-    median leaves out a window that a pause fell into); None before its first window. A line being
-    written while ``list`` reads it is skipped, as RunFolder.records skips one cut by a crash."""
-    speeds = [r["images_per_s"] for r in RunFolder(folder).records() if r.get("kind") == "train"][-RECENT_WINDOWS:]
+def _recent_speed(records: list[dict]) -> float | None:
+    """A run's recent training speed in images per second from its metrics records (read with
+    RunFolder.records, which skips a line being written while ``list`` reads it, as one cut by a
+    crash): the median over its last RECENT_WINDOWS logging windows (each window's clock counts its
+    steps only, not evaluation or checkpointing; the median leaves out a window that a pause fell
+    into); None before its first window."""
+    speeds = [r["images_per_s"] for r in records if r.get("kind") == "train"][-RECENT_WINDOWS:]
     return median(speeds) if speeds else None
 
 
@@ -614,6 +615,13 @@ def _full_protocol_table(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _phases(config: dict, total: int) -> list[tuple[int, float, int, int]]:
+    """A run's lr phases from its config: (index from 1, lr, first step exclusive, last step)."""
+    bounds = [0, *(round(total * m) for m in config["milestones"]), total]
+    return [(k + 1, config["lr"] * config["lr_decay"] ** k, start, end)
+            for k, (start, end) in enumerate(zip(bounds, bounds[1:]))]
+
+
 def _phase_table(runs: dict[str, dict]) -> list[str]:
     """Issue 18, Figs. 2-3 at the paper's budget: per full-protocol run and lr phase (the lr and the
     phase's steps from the run's config), the mean filter correlation at the phase's last probe and
@@ -624,13 +632,11 @@ def _phase_table(runs: dict[str, dict]) -> list[str]:
     for name in EXPERIMENTS:
         if not name.startswith("f-") or not runs.get(name, {}).get("probes") or not runs[name].get("config"):
             continue
-        config, total = runs[name]["config"], runs[name]["summary"]["total_steps"]
-        bounds = [0, *(round(total * m) for m in config["milestones"]), total]
-        for k, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        for _, lr, start, end in _phases(runs[name]["config"], runs[name]["summary"]["total_steps"]):
             probes = [p for p in runs[name]["probes"] if start < p["step"] <= end]
             if not probes:
                 continue
-            lines.append(f"| {name} | {config['lr'] * config['lr_decay'] ** k:g} | {start:,}-{probes[-1]['step']:,} | "
+            lines.append(f"| {name} | {lr:g} | {start:,}-{probes[-1]['step']:,} | "
                          f"{len(probes)} | {probes[-1]['filter_correlation_mean']:.4f} | {_median_ratio(probes):.3g} |")
     return lines
 
@@ -652,11 +658,15 @@ def _pairs() -> list[tuple[str, str]]:
     return pairs
 
 
+def _x4_seeds() -> list[str]:
+    """The seeds of the 40-epoch runs (those of resnet-44's, the reference every row is run beside)."""
+    return sorted({_base_seed(n) for n in EXPERIMENTS if n.startswith("x4-resnet44-l2-s")})
+
+
 def _x4_pairs(runs: dict[str, dict]) -> list[tuple[str, str]]:
     """Issue 15, item 3: per seed, the best method's 40-epoch run against the paper's method's and
     resnet-44's."""
-    seeds = sorted({_base_seed(n) for n in EXPERIMENTS if n.startswith("x4-resnet44-l2-s")})
-    return [(f"x4-plain44-{key}-s{seed}", f"{other}-s{seed}") for key in top_methods(runs, 1) for seed in seeds
+    return [(f"x4-plain44-{key}-s{seed}", f"{other}-s{seed}") for key in top_methods(runs, 1) for seed in _x4_seeds()
             for other in ("x4-plain44-ortho-mod", "x4-resnet44-l2") if other != f"x4-plain44-{key}"]
 
 
@@ -680,9 +690,7 @@ def _pair_table(runs: dict[str, dict], pairs: list[tuple[str, str]]) -> list[str
     for a, b in pairs:
         if not all(runs.get(n, {}).get("config") for n in (a, b)):
             continue
-        config, total = runs[a]["config"], runs[a]["summary"]["total_steps"]
-        bounds = [0, *(round(total * m) for m in config["milestones"]), total]
-        for k, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        for k, lr, start, end in _phases(runs[a]["config"], runs[a]["summary"]["total_steps"]):
             tests = [at(n, "eval", "test_acc", start, end) for n in (a, b)]
             steps = sorted(tests[0].keys() & tests[1].keys())
             if not steps:
@@ -696,7 +704,7 @@ def _pair_table(runs: dict[str, dict], pairs: list[tuple[str, str]]) -> list[str
                     f"{probes[0][shared]:.4f} | {probes[1][shared]:.4f} | {probes[1][shared] / probes[0][shared]:.2f}")
             loss = " | ".join(f"{fmean(l[s] for s in trained):.3f}" if trained else "-" for l in losses)
             span = f"step {steps[0]:,}" if len(steps) == 1 else f"steps {steps[0]:,}-{steps[-1]:,}"
-            lines.append(f"| {a} | {b} | {k + 1} ({config['lr'] * config['lr_decay'] ** k:g}) | {len(steps)} ({span}) | "
+            lines.append(f"| {a} | {b} | {k} ({lr:g}) | {len(steps)} ({span}) | "
                          f"{accs([tests[0][s] for s in steps])} | "
                          f"{accs([tests[1][s] for s in steps])} | {sum(tests[0][s] > tests[1][s] for s in steps)} "
                          f"| {loss} | {corr} |")
@@ -771,7 +779,7 @@ def _x4_table(runs: dict[str, dict]) -> list[str]:
             return f"{s['status']}: step {s['step']:,} of {s['total_steps']:,}, {_cell(s['final_test_acc'], True)} so far"
         return _result(runs[name])
 
-    seeds = sorted({_base_seed(n) for n in EXPERIMENTS if n.startswith("x4-resnet44-l2-s")})
+    seeds = _x4_seeds()
     (_, ref10), (_, ref40) = mean(RESNET_DEPTH_RUNS[44]), mean("x4-resnet44-l2")
     lines = ["| method | 10 epochs: final test acc (%) | gap to resnet-44 | 40 epochs: "
              + " | ".join(f"seed {seed}" for seed in seeds) + " | 40 epochs: mean (%) | gap to resnet-44 | command (seed 0) |",
@@ -1330,7 +1338,7 @@ def _progress(name: str) -> str:
     if summary["status"] in FINISHED or "total_steps" not in summary:
         return summary["status"]
     parked = not (RUNS / name / "checkpoint.pt").exists() and (COLLECTED / name / "checkpoint.pt").exists()
-    left = "" if (hours := _hours_left(summary, _recent_speed(_run_folder(name)))) is None else f", {hours:.1f} h left"
+    left = "" if (hours := _hours_left(summary, _recent_speed(RunFolder(_run_folder(name)).records()))) is None else f", {hours:.1f} h left"
     return f"{summary['status']} {summary['step']}/{summary['total_steps']}" + (", parked" if parked else "") + left
 
 

@@ -395,12 +395,14 @@ def test_full_protocol_table_gives_progress_against_the_paper_and_hours_left(exp
 
 
 def test_recent_speed_is_the_median_of_the_last_windows_so_a_paused_one_does_not_count_nor_a_cut_line(experiments, tmp_path):
-    assert experiments._recent_speed(tmp_path) is None  # no metrics yet
+    from orthomod.files import RunFolder
+
+    assert experiments._recent_speed(RunFolder(tmp_path).records()) is None  # no metrics yet
     records = [{"kind": "train", "images_per_s": 1000.0}]  # an older session's, beyond the last 20 windows
     records += [{"kind": "train", "images_per_s": 100.0 + i} for i in range(19)]  # 100..118
     records += [{"kind": "eval", "test_acc": 0.5}, {"kind": "train", "images_per_s": 2.0}]  # paused in this one
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tra')
-    assert experiments._recent_speed(tmp_path) == 108.5  # median of 2, 100, ..., 118: (108 + 109) / 2
+    assert experiments._recent_speed(RunFolder(tmp_path).records()) == 108.5  # median of 2, 100, ..., 118: (108 + 109) / 2
 
 
 def test_phase_table_splits_the_probes_at_the_lr_drops_of_the_runs_config(experiments):
@@ -459,11 +461,12 @@ def test_x4_pairs_put_the_best_method_against_the_papers_and_resnet44_per_seed(e
                                          ("x4-plain44-ortho-mod-s1", "x4-resnet44-l2-s1")]
 
 
-def test_list_shows_an_unfinished_runs_step_and_a_finished_runs_status(experiments, monkeypatch):
+def test_list_shows_an_unfinished_runs_step_and_a_finished_runs_status(experiments, monkeypatch, tmp_path):
     summaries = {"a-s0": {"status": "interrupted", "step": 27545, "total_steps": 64000},
                  "b-s0": {"status": "completed", "step": 3900, "total_steps": 3900}}
     monkeypatch.setattr(experiments, "_summary", summaries.get)
-    monkeypatch.setattr(experiments, "_recent_speed", lambda folder: 128.0)  # one step a second
+    monkeypatch.setattr(experiments, "_recent_speed", lambda records: 128.0)  # one step a second
+    monkeypatch.setattr(experiments, "_run_folder", lambda name: tmp_path)  # records read from here: none
     assert experiments._progress("a-s0") == "interrupted 27545/64000"  # no batch size: no hours
     summaries["a-s0"] |= {"settings": {"batch_size": 128}}
     assert experiments._progress("a-s0") == "interrupted 27545/64000, 10.1 h left"  # 36,455 steps left
