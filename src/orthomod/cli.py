@@ -297,7 +297,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _analyze_propagation(args: argparse.Namespace) -> int:
-    from .diagnostics import filter_norms, signal_propagation, weighted_layers
+    from .diagnostics import signal_propagation
     from .train import initial_model
 
     overrides = _overrides(args)
@@ -319,8 +319,6 @@ def _analyze_propagation(args: argparse.Namespace) -> int:
     if state is not None:
         _load_weights(model, state, path, config, run_dir)
     result = signal_propagation(model, images.float(), labels)
-    norms = {name or "<model>": norm for (name, _), norm in zip(weighted_layers(model), filter_norms(model))}
-    result["filter_norm"] = [norms[name] for name in result["names"]]
     if args.json:
         print(json.dumps({"model": config.model, "init": config.init, "activation": config.activation,
                           "norm": config.norm, "parametrization": config.parametrization, "seed": config.seed,

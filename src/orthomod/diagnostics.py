@@ -72,10 +72,13 @@ def orthogonality_residuals(model: nn.Module, filter: LayerFilter = None) -> lis
 
 
 @torch.no_grad()
+def _mean_filter_norm(layer: nn.Module) -> float:
+    return float(filter_matrices(layer.weight.detach(), *geometry(layer)).double().norm(dim=2).mean())
+
+
 def filter_norms(model: nn.Module, filter: LayerFilter = None) -> list[float]:
     """Per layer, the mean over its filters (rows of ``V``, every group's) of the filter's norm."""
-    return [float(filter_matrices(m.weight.detach(), *geometry(m)).double().norm(dim=2).mean())
-            for _, m in weighted_layers(model, filter)]
+    return [_mean_filter_norm(m) for _, m in weighted_layers(model, filter)]
 
 
 @torch.no_grad()
@@ -107,6 +110,7 @@ def signal_propagation(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
     - ``forward``: the second moment (mean of squares) of the layer's output;
     - ``errors``: ``q``, the second moment of the loss's gradient with respect to that output, as
       :class:`~orthomod.modulation.ErrorModulator` measures it for Figs. 3-4 (nothing modulated);
+    - ``filter_norm``: the mean norm of the layer's filters (:func:`filter_norms`);
     - ``names`` in the order the layers ran, ``forward_last_over_first`` (below 1: the signal
       fades on its way up) and ``errors_first_over_last`` (:func:`moment_ratios`' ``q^1 / q^L``;
       below 1: errors vanish on their way down).
@@ -155,6 +159,7 @@ def signal_propagation(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
         raise ValueError("none of the layers signal_propagation measures ran in the forward pass")
     values = list(forward.values())
     return {"names": [names[m] for m in forward], "forward": values, "errors": errors,
+            "filter_norm": [_mean_filter_norm(m) for m in forward],
             "forward_last_over_first": values[-1] / values[0] if values[0] else math.nan,
             "errors_first_over_last": moment_ratios(errors)["first_over_last"]}
 
